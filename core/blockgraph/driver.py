@@ -1,0 +1,184 @@
+"""The driver interface: a small required protocol plus optional capabilities.
+
+The generic layer (:mod:`blockgraph.io`) guarantees every driver method its
+preconditions, so drivers never re-check them:
+
+* ``offset`` and ``len(buf)`` are multiples of ``limits.request_alignment``;
+* no request is larger than ``limits.max_transfer`` (when non-zero);
+* every request lies inside ``[0, getlength())`` (except ``truncate``);
+* writes only reach a driver whose node holds the write permission;
+* with ``concurrency = SERIALIZE_REQUESTS`` (the default) at most one data
+  method runs at a time per node.
+
+Optional methods and their fallbacks, detected once at open:
+
+``pwritev``, ``flush``  -- without them the node is read-only.
+``pwrite_zeroes``       -- zeroing is emulated by writing a zero buffer; raising
+                           :class:`~blockgraph.errors.NotSupported` does the same.
+``pdiscard``            -- discard is accepted and ignored (as QEMU).
+``block_status``        -- everything is allocated data.
+``truncate``            -- resizing fails with ENOTSUP.
+``flush_to_os``         -- for formats that cache metadata: write it to the child.
+``refresh_limits``      -- default limits (byte granularity, no maximum).
+``child_perm``          -- QEMU's default rules by child role.
+``check_perm`` / ``set_perm`` / ``abort_perm``
+                        -- protocols that mirror permissions outside the process
+                           (file locks).
+``info``                -- format-specific lines for ``img info``.
+classmethod ``create``  -- ``img create`` for this driver.
+classmethod ``probe``   -- a score 0..100 from the first 2048 bytes.
+classmethod ``parse_filename`` -- turn a filename/URL into options.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+import attrs
+
+if TYPE_CHECKING:
+    from .node import NodeContext
+
+API_VERSION = 1
+SUPPORTED_API_VERSIONS = range(1, 2)
+
+
+class DriverKind(enum.Enum):
+    FORMAT = "format"
+    PROTOCOL = "protocol"
+    FILTER = "filter"
+
+
+class Concurrency(enum.Enum):
+    SERIALIZE_REQUESTS = "serialize_requests"
+    PARALLEL = "parallel"
+
+
+class ReqFlags(enum.IntFlag):
+    """Request flags (QEMU's BdrvRequestFlags)."""
+
+    NONE = 0
+    FUA = 0x01
+    MAY_UNMAP = 0x02
+    NO_FALLBACK = 0x04
+    WRITE_UNCHANGED = 0x08
+    ZERO_WRITE = 0x10  # a write that came from zero detection or emulated zeroing
+    COPY_ON_READ = 0x20
+
+
+class Status(enum.IntFlag):
+    """Block status flags (BDRV_BLOCK_*)."""
+
+    NONE = 0
+    DATA = 0x01
+    ZERO = 0x02
+    OFFSET_VALID = 0x04
+    ALLOCATED = 0x10
+    EOF = 0x20
+    RECURSE = 0x40  # "ask my file child at `offset`" (BDRV_BLOCK_RAW)
+
+
+@attrs.frozen(slots=True)
+class BlockStatus:
+    """The status of ``[offset, offset+length)``: ``flags``, and where the data lives."""
+
+    flags: Status
+    length: int
+    offset: int | None = None  # host offset in ``file``
+    file: Any = None  # the Node holding the data, when OFFSET_VALID
+
+
+@attrs.frozen
+class BlockLimits:
+    """QEMU's BlockLimits; 0 means "no limit" or "no preference"."""
+
+    request_alignment: int = 1
+    max_transfer: int = 0
+    opt_transfer: int = 0
+    pdiscard_alignment: int = 0
+    max_pdiscard: int = 0
+    pwrite_zeroes_alignment: int = 0
+    max_pwrite_zeroes: int = 0
+    min_mem_alignment: int = 1
+    opt_mem_alignment: int = 1
+
+
+class PreallocMode(enum.Enum):
+    OFF = "off"
+    METADATA = "metadata"
+    FALLOC = "falloc"
+    FULL = "full"
+
+
+@runtime_checkable
+class BlockDriver(Protocol):
+    """What every driver has."""
+
+    name: ClassVar[str]
+    kind: ClassVar[DriverKind]
+    api_version: ClassVar[int]
+    Options: ClassVar[type]
+
+    async def open(self, node: NodeContext, options: Any) -> None: ...
+    async def close(self) -> None: ...
+    async def getlength(self) -> int: ...
+    async def preadv(self, offset: int, buf: memoryview, flags: ReqFlags) -> None: ...
+
+
+@runtime_checkable
+class Writable(Protocol):
+    async def pwritev(self, offset: int, buf: memoryview, flags: ReqFlags) -> None: ...
+    async def flush(self) -> None: ...
+
+
+@runtime_checkable
+class ZeroWriter(Protocol):
+    async def pwrite_zeroes(self, offset: int, length: int, flags: ReqFlags) -> None: ...
+
+
+@runtime_checkable
+class Discarder(Protocol):
+    async def pdiscard(self, offset: int, length: int) -> None: ...
+
+
+@runtime_checkable
+class BlockStatusReporter(Protocol):
+    async def block_status(self, offset: int, length: int, want_zero: bool) -> BlockStatus: ...
+
+
+@runtime_checkable
+class Truncatable(Protocol):
+    async def truncate(self, length: int, exact: bool, prealloc: PreallocMode) -> None: ...
+
+
+@attrs.frozen
+class Capabilities:
+    """What a driver class implements, computed once per class."""
+
+    write: bool
+    zero: bool
+    discard: bool
+    block_status: bool
+    truncate: bool
+    flush_to_os: bool
+    create: bool
+    probe: bool
+    info: bool
+    perm_hooks: bool
+    reopen: bool
+
+    @classmethod
+    def of(cls, drv: type) -> Capabilities:
+        def has(*names: str) -> bool:
+            return all(callable(getattr(drv, n, None)) for n in names)
+
+        return cls(
+            write=has("pwritev", "flush"), zero=has("pwrite_zeroes"), discard=has("pdiscard"),
+            block_status=has("block_status"), truncate=has("truncate"), flush_to_os=has("flush_to_os"),
+            create=has("create"), probe=has("probe"), info=has("info"),
+            perm_hooks=has("check_perm", "set_perm", "abort_perm"), reopen=has("reopen"),
+        )
+
+    def lines(self) -> list[str]:
+        return [f"has_{k}={int(v)}" for k, v in attrs.asdict(self).items()]

@@ -1,0 +1,87 @@
+"""A synchronous facade for scripts and notebooks.
+
+    with blockgraph.open("disk.img") as d:
+        d.write(0, b"hello")
+        data = d.read(0, 4096)
+
+Each call runs on a private event loop owned by the facade, so it must not be
+used from inside a running loop (use :class:`blockgraph.Session` there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from .backend import BlockBackend
+from .driver import BlockStatus, PreallocMode
+from .session import Session
+
+
+class Image:
+    """An open image: a session, a node tree and a BlockBackend, driven synchronously."""
+
+    def __init__(self, filename: str, fmt: str | None = None, *, read_only: bool = False,
+                 options: dict[str, Any] | None = None, force_share: bool = False) -> None:
+        self._runner = asyncio.Runner()
+        self.session: Session | None = None
+        self.blk: BlockBackend | None = None
+        try:
+            self.session = Session()
+            self.blk = self._runner.run(self.session.open_backend(
+                filename, fmt=fmt, read_only=read_only, force_share=force_share, share_all=True,
+                options=options))
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> Image:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.session is not None:
+            session, self.session = self.session, None
+            self._runner.run(session.close())
+        self._runner.close()
+
+    @property
+    def length(self) -> int:
+        return self.blk.getlength()
+
+    @property
+    def format(self) -> str:
+        return self.blk.node.driver_name
+
+    def read(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        self._runner.run(self.blk.preadv(offset, memoryview(buf)))
+        return bytes(buf)
+
+    def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
+        self._runner.run(self.blk.preadv(offset, memoryview(buf)))
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self._runner.run(self.blk.pwritev(offset, memoryview(data)))
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self._runner.run(self.blk.pwrite_zeroes(offset, length))
+
+    def discard(self, offset: int, length: int) -> None:
+        self._runner.run(self.blk.pdiscard(offset, length))
+
+    def flush(self) -> None:
+        self._runner.run(self.blk.flush())
+
+    def truncate(self, length: int, prealloc: str = "off") -> None:
+        self._runner.run(self.blk.truncate(length, prealloc=PreallocMode(prealloc)))
+
+    def block_status(self, offset: int, length: int) -> BlockStatus:
+        return self._runner.run(self.blk.block_status(offset, length))[0]
+
+
+def open(filename: str, fmt: str | None = None, **kw: Any) -> Image:  # noqa: A001 - mirrors builtins.open on purpose
+    """Open an image for synchronous use; see :class:`Image`."""
+    return Image(filename, fmt, **kw)
