@@ -1,0 +1,1 @@
+"""The ``blockgraph`` command line; each subcommand is registered through the plugin hook."""
