@@ -49,58 +49,109 @@ def parse_keyval(text: str, implied_key: str | None = None) -> Tree:
 
     Dotted keys nest; numeric fragments build lists that must count from 0
     without gaps; a later duplicate key wins; the first element may omit its
-    key when ``implied_key`` is given (``-blockdev qcow2,...``).
+    key when ``implied_key`` is given (``-blockdev qcow2,...``), in which case
+    its value cannot contain ``,`` or ``=``. Error texts are QEMU's.
     """
-    flat: dict[str, str] = {}
-    for i, part in enumerate(split_keyval(text)):
-        if part == "" and i == 0 and not text:
+    root: Tree = {}
+    pos, n = 0, len(text)
+    while pos < n:
+        stop = pos
+        while stop < n and text[stop] not in "=,":
+            stop += 1
+        if implied_key and stop > pos and (stop == n or text[stop] == ","):
+            frags, value = [implied_key], text[pos:stop]
+            pos = stop + 1
+        else:
+            key = text[pos:stop]
+            frags = _key_fragments(key)
+            if stop == n or text[stop] != "=":
+                raise OptionError(f"Expected '=' after parameter '{key}'")
+            pos, value = _keyval_value(text, stop + 1)
+        _put(root, frags, value)
+        implied_key = None
+    return _listify(root, "")
+
+
+_NAME_FRAG = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+_INDEX_FRAG = re.compile(r"[0-9]+")
+
+
+def _key_fragments(key: str) -> list[str]:
+    """Split a keyval key into fragments: a QAPI name first, then names or decimal indexes."""
+    frags = key.split(".")
+    for i, frag in enumerate(frags):
+        if not (_NAME_FRAG.fullmatch(frag) or (i and _INDEX_FRAG.fullmatch(frag))):
+            raise OptionError(f"Invalid parameter '{key}'")
+        if len(frag) > 127:
+            what = "Parameter fragment" if len(frags) > 1 else "Parameter"
+            raise OptionError(f"{what} '{frag}' is too long")
+    return frags
+
+
+def _keyval_value(text: str, pos: int) -> tuple[int, str]:
+    """The value starting at ``pos`` up to a single comma (``,,`` is a literal comma)."""
+    out: list[str] = []
+    n = len(text)
+    while pos < n:
+        comma = text.find(",", pos)
+        if comma < 0:
+            out.append(text[pos:])
+            return n, "".join(out)
+        out.append(text[pos:comma])
+        if comma + 1 < n and text[comma + 1] == ",":
+            out.append(",")
+            pos = comma + 2
             continue
-        key, eq, value = part.partition("=")
-        if not eq:
-            if i == 0 and implied_key:
-                key, value = implied_key, part
-            else:
-                raise OptionError(f"Expected '=' after parameter '{part}'")
-        if not key:
-            raise OptionError(f"Invalid parameter '' in '{part}'")
-        for frag in key.split("."):
-            if not frag or len(frag) > 127:
-                raise OptionError(f"Invalid parameter '{key}'")
-        flat[key] = value
-    return unflatten(flat)
+        return comma + 1, "".join(out)
+    return n, "".join(out)
+
+
+def _put(root: Tree, frags: list[str], value: Any) -> None:
+    """Store ``value`` at ``frags``; a later value wins, a scalar and an object at one path conflict."""
+    cur = root
+    for depth, frag in enumerate(frags[:-1]):
+        nxt = cur.get(frag)
+        if nxt is None:
+            nxt = cur[frag] = {}
+        elif not isinstance(nxt, dict):
+            raise OptionError(f"Parameters '{'.'.join(frags[:depth + 1])}.*' used inconsistently")
+        cur = nxt
+    if isinstance(cur.get(frags[-1]), dict):
+        raise OptionError(f"Parameters '{'.'.join(frags)}.*' used inconsistently")
+    cur[frags[-1]] = value
 
 
 def unflatten(flat: Mapping[str, Any]) -> Tree:
     """Turn ``{"file.filename": x}`` into ``{"file": {"filename": x}}``, building lists from numbers."""
     root: Tree = {}
     for key, value in flat.items():
-        frags = key.split(".")
-        cur = root
-        for depth, frag in enumerate(frags[:-1]):
-            nxt = cur.setdefault(frag, {})
-            if not isinstance(nxt, dict):
-                raise OptionError(f"Parameter '{'.'.join(frags[:depth + 1])}' used inconsistently")
-            cur = nxt
-        last = frags[-1]
-        if isinstance(cur.get(last), dict):
-            raise OptionError(f"Parameter '{key}' used inconsistently")
-        cur[last] = value
-    return _lists(root, "")
+        _put(root, key.split("."), value)
+    return _listify(root, "")
 
 
-def _lists(tree: Tree, prefix: str) -> Any:
+def _is_index(key: str) -> bool:
+    return key.isascii() and key.isdigit()
+
+
+def _listify(tree: Tree, prefix: str) -> Any:
+    """Objects whose keys are all indexes become lists (QEMU's keyval_listify)."""
+    has_index = has_member = False
     for k, v in tree.items():
+        if _is_index(k):
+            has_index = True
+        else:
+            has_member = True
         if isinstance(v, dict):
-            tree[k] = _lists(v, f"{prefix}{k}.")
-    keys = list(tree)
-    if keys and all(k.isdigit() for k in keys):
-        for i in range(len(keys)):
-            if str(i) not in tree:
-                raise OptionError(f"Parameter '{prefix}{i}' missing")
-        return [tree[str(i)] for i in range(len(keys))]
-    if any(k.isdigit() for k in keys):
-        raise OptionError(f"Parameter '{prefix.rstrip('.')}' used inconsistently")
-    return tree
+            tree[k] = _listify(v, f"{prefix}{k}.")
+    if has_index and has_member:
+        raise OptionError(f"Parameters '{prefix}*' used inconsistently")
+    if not has_index:
+        return tree
+    items = {int(k): v for k, v in tree.items()}
+    for i in range(len(items)):
+        if i not in items:
+            raise OptionError(f"Parameter '{prefix}{i}' missing")
+    return [items[i] for i in range(len(items))]
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -149,32 +200,46 @@ def parse_blockdev(text: str) -> Tree:
 # ---------------------------------------------------------------- scalars
 
 _SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
-_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]?)\s*$")
+_SIZE_RE = re.compile(r"\s*\+?(?:0[xX]([0-9a-fA-F]+)|([0-9]+)(?:\.([0-9]*))?)([bBkKmMgGtTpPeE]?)\Z")
+_SIZE_LIMIT = 1 << 63
 
 
 def parse_size(value: Any, default_suffix: str = "") -> int:
-    """QEMU's size syntax: ``4096``, ``64k``, ``1.5G`` (binary units), or a JSON integer."""
+    """QEMU's size syntax (qemu_strtosz): ``4096``, ``64k``, ``1.5G`` (binary units), ``0x1000``, or a JSON integer.
+
+    A fraction needs a unit (``1.5`` is refused, ``1.0`` and ``5.`` are not) and is rounded to
+    the nearest byte as QEMU does; hexadecimal takes no fraction. Sizes must stay below 2^63.
+    """
     if isinstance(value, bool):
         raise ValueError(f"expected a size, got {value!r}")
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"size must not be negative: {value}")
+        if value >= _SIZE_LIMIT:
+            raise ValueError(f"size {value} is too large")
         return value
     if not isinstance(value, str):
         raise ValueError(f"expected a size, got {value!r}")
     m = _SIZE_RE.match(value)
-    suffix = (m.group(2) if m else "").lower() or default_suffix.lower()
-    if not m or suffix not in _SUFFIXES:
+    if not m:
         raise ValueError(f"invalid size '{value}' (use a number with an optional k, M, G, T, P or E suffix)")
-    num = m.group(1)
-    mult = _SUFFIXES[suffix]
-    if "." in num:
-        if mult == 1:
-            raise ValueError(f"invalid size '{value}': fractions need a unit suffix")
-        result = int(float(num) * mult)
+    hex_digits, digits, frac, suffix = m.groups()
+    mult = _SUFFIXES[suffix.lower() or default_suffix.lower()]
+    if hex_digits is not None:
+        val, valf = int(hex_digits, 16), 0
     else:
-        result = int(num) * mult
-    if result >= 1 << 63:
+        val = int(digits)
+        # A 64-bit fixed-point fraction, as QEMU extracts it (an overflowing cast gives 0 there too).
+        valf = int(float("0." + frac) * 2.0 ** 64) if frac else 0
+        valf = 0 if valf >= 1 << 64 else valf
+    if mult == 1:
+        if valf:
+            raise ValueError(f"invalid size '{value}': fractions need a unit suffix")
+        result = val
+    else:
+        part = valf * mult
+        result = val * mult + (part >> 64) + ((part >> 63) & 1)
+    if result >= _SIZE_LIMIT:
         raise ValueError(f"size '{value}' is too large")
     return result
 
@@ -188,10 +253,9 @@ def parse_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
     if isinstance(value, str):
-        v = value.lower()
-        if v in _TRUE:
+        if value in _TRUE:  # case-sensitive, as QEMU's qapi_bool_parse
             return True
-        if v in _FALSE:
+        if value in _FALSE:
             return False
     raise ValueError(f"expected 'on' or 'off', got {value!r}")
 
@@ -264,6 +328,12 @@ def structure(cls: type, values: Mapping[str, Any], *, node: str | None = None,
     for key, value in flatten(values).items():
         field = fields.get(key)
         if field is None:
+            parts = key.split(".")
+            for i in range(len(parts) - 1, 0, -1):
+                prefix = ".".join(parts[:i])
+                if prefix in fields:  # an object or list given for a scalar option
+                    raise OptionError(f"Invalid parameter type for '{prefix}', expected: scalar",
+                                      node=node, driver=driver, option=prefix)
             raise OptionError(f"Invalid parameter '{key}'", node=node, driver=driver, option=key)
         if field.converter is not None:
             try:
@@ -277,9 +347,16 @@ def structure(cls: type, values: Mapping[str, Any], *, node: str | None = None,
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
-        name = e.args[1].name if len(e.args) > 1 and isinstance(e.args[1], attrs.Attribute) else None
-        key = option_key(e.args[1]) if name else None
-        raise OptionError(str(e.args[0] if e.args else e), node=node, driver=driver, option=key) from None
+        reason = str(e.args[0] if e.args else e)
+        for key, field in fields.items():  # which option's validator refused it
+            if field.validator is None or field.name not in kwargs:
+                continue
+            try:
+                field.validator(None, field, kwargs[field.name])
+            except (TypeError, ValueError):
+                raise OptionError(reason.replace(f"'{field.name}'", f"'{key}'"), node=node, driver=driver,
+                                  option=key) from None
+        raise OptionError(reason, node=node, driver=driver) from None
 
 
 def describe(cls: type) -> Iterable[tuple[str, str, Any]]:
