@@ -1,0 +1,904 @@
+"""The driver contract: what every block driver must do, as plain ``async def check_*(harness)``.
+
+No pytest here (trio's ``check_*_stream`` rationale): the same checks back the pytest base
+classes in :mod:`blockgraph.testing.suite` and can run from a CLI self-test. A check returns
+quietly, raises :class:`ContractViolation` (an ``AssertionError``) saying what broke and where,
+or raises :class:`NotApplicable` naming the capability the driver does not implement.
+
+Every check opens the driver under test the way users do: a core :class:`~blockgraph.session.Session`,
+``open_node`` with an option tree, and a :class:`~blockgraph.backend.BlockBackend` on top, so the
+generic layer (bounds, alignment, fallbacks, permissions) is exercised too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import inspect
+import itertools
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import attrs
+
+from ..backend import BlockBackend
+from ..driver import SUPPORTED_API_VERSIONS, Capabilities, Concurrency, DriverKind, ReqFlags, Status
+from ..errors import BlockGraphError, BlockIOError, NotSupported, OptionError
+from ..node import Node, close_node
+from ..options import merge, option_fields, unflatten
+from ..plugins import PluginHost
+from ..session import Session
+
+KIB = 1024
+MIN_SIZE = 256 * KIB
+NODE_NAME = "contract0"
+
+# Capability field of driver.Capabilities -> the protocol an author implements.
+PROTOCOLS = {"write": "Writable", "zero": "ZeroWriter", "discard": "Discarder",
+             "block_status": "BlockStatusReporter", "truncate": "Truncatable"}
+
+
+class ContractViolation(AssertionError):
+    """The driver broke its contract; the message says which rule, where and how."""
+
+
+class NotApplicable(Exception):
+    """The check needs a capability the driver does not implement (or declares absent)."""
+
+
+# ---------------------------------------------------------------- the harness
+
+
+@attrs.frozen
+class Opened:
+    """One open of the driver under test: its session, node and the BlockBackend on top."""
+
+    session: Session
+    node: Node
+    blk: BlockBackend
+
+
+@attrs.define
+class Harness:
+    """How to open the driver under test, and what it declares it guarantees.
+
+    ``options`` is the driver's option tree without ``driver`` (children included, e.g.
+    ``{"file": {"driver": "file", "filename": ...}}``), for an image of ``size`` bytes.
+    ``plugins`` builds the PluginHost of each session (default: installed plugins).
+    """
+
+    driver: str
+    options: dict[str, Any]
+    size: int = 1 << 20
+    plugins: Callable[[], PluginHost] | None = None
+    persistent: bool = False  # data survives close and open again
+    stores_data: bool = True  # False: writes vanish and every read returns zeros (null-co)
+    discard_reads_zero: bool = False  # True: discarded ranges read as zeros; False: zeros or old data
+    supports_truncate: bool | None = None  # None: whatever the class implements
+    concurrent_open: bool = True  # a read-only force-share open may run beside a writer
+    invalid_options: dict[str, Any] = attrs.Factory(dict)  # key -> bad value, each must be an OptionError
+    concurrent_requests: int = 64
+    seed: int = 0
+    child_store: str | None = None  # the testing-memdisk store under a filter (FilterContract)
+    _host: PluginHost | None = attrs.field(default=None, init=False, repr=False)
+
+    # ------------------------------------------------------------ plugins and capabilities
+
+    def new_host(self) -> PluginHost:
+        return self.plugins() if self.plugins is not None else PluginHost()
+
+    @property
+    def host(self) -> PluginHost:
+        if self._host is None:
+            self._host = self.new_host()
+        return self._host
+
+    @property
+    def driver_class(self) -> type:
+        return self.host.driver(self.driver)
+
+    @property
+    def caps(self) -> Capabilities:
+        return Capabilities.of(self.driver_class)
+
+    def require(self, cap: str) -> None:
+        """Raise NotApplicable unless the driver implements ``cap`` (and does not declare it away)."""
+        if not getattr(self.caps, cap):
+            raise NotApplicable(f"{self.driver} does not implement {PROTOCOLS.get(cap, cap)}")
+        if cap == "truncate" and self.supports_truncate is False:
+            raise NotApplicable(f"{self.driver} declares supports_truncate = False")
+
+    # ------------------------------------------------------------ opening
+
+    def tree(self, **extra: Any) -> dict[str, Any]:
+        return merge({"driver": self.driver, "node-name": NODE_NAME, **self.options}, extra)
+
+    @contextlib.asynccontextmanager
+    async def open(self, *, read_only: bool = False, force_share: bool = False,
+                   extra: dict[str, Any] | None = None) -> AsyncIterator[Opened]:
+        """Open the driver in a new session with a BlockBackend; everything is closed on exit."""
+        if not read_only and not self.caps.write:
+            read_only = True  # a driver without Writable is always opened read-only
+        session = Session(plugins=self.new_host())
+        try:
+            more: dict[str, Any] = dict(extra or {})
+            if read_only:
+                more["read-only"] = True
+            if force_share:
+                more["force-share"] = True
+            if not read_only:
+                more.setdefault("discard", "unmap")  # let discards reach the driver
+            try:
+                node = await session.open_node(self.tree(**more))
+                blk = await BlockBackend.attach_new(session, node, read_only=read_only, share_all=force_share)
+            except BlockGraphError as e:
+                raise ContractViolation(f"opening {self.driver} ({'read-only' if read_only else 'read-write'}) "
+                                        f"failed: {type(e).__name__}: {e}") from e
+            yield Opened(session, node, blk)
+        finally:
+            await session.close()
+
+    @contextlib.asynccontextmanager
+    async def open_writable(self) -> AsyncIterator[Opened]:
+        self.require("write")
+        async with self.open() as o:
+            yield o
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def pattern(tag: int, n: int) -> bytes:
+    """``n`` deterministic bytes, none of them zero (so "reads zeros" and "reads data" never agree)."""
+    return random.Random(tag).randbytes(n).replace(b"\0", b"\x5a")
+
+
+async def read(blk: BlockBackend, offset: int, n: int) -> bytes:
+    buf = bytearray(n)
+    await call(f"read at offset {offset}, {n} bytes", blk.preadv(offset, memoryview(buf)))
+    return bytes(buf)
+
+
+async def call(what: str, aw: Awaitable[Any]) -> Any:
+    """Await ``aw``; any failure becomes a ContractViolation that says what was being done."""
+    try:
+        return await aw
+    except (ContractViolation, NotApplicable):
+        raise
+    except Exception as e:
+        raise ContractViolation(f"{what} failed: {type(e).__name__}: {e}") from e
+
+
+async def expect_error(what: str, aw: Awaitable[Any], errnos: Sequence[int]) -> BlockIOError:
+    """``aw`` must fail with a BlockIOError carrying one of ``errnos``."""
+    names = "/".join(errno.errorcode[e] for e in errnos)
+    try:
+        await aw
+    except BlockIOError as e:
+        if e.errno not in errnos:
+            raise ContractViolation(f"{what}: expected {names}, got {errno.errorcode.get(e.errno, e.errno)}: "
+                                    f"{e}") from e
+        return e
+    except Exception as e:
+        raise ContractViolation(f"{what}: expected BlockIOError({names}), got {type(e).__name__}: {e}") from e
+    raise ContractViolation(f"{what}: expected BlockIOError({names}), but it succeeded")
+
+
+def assert_bytes(actual: bytes, expected: bytes, base: int, what: str) -> None:
+    if actual == expected:
+        return
+    if len(actual) != len(expected):
+        raise ContractViolation(f"{what}: got {len(actual)} bytes, expected {len(expected)}")
+    first = next(i for i in range(len(actual)) if actual[i] != expected[i])
+    bad = sum(1 for a, b in zip(actual, expected, strict=True) if a != b)
+    raise ContractViolation(
+        f"{what}: {bad} byte(s) differ, first at offset {base + first}: "
+        f"got {actual[first:first + 8].hex()}, expected {expected[first:first + 8].hex()}")
+
+
+def assert_allowed(actual: bytes, candidates: Sequence[bytes], base: int, what: str) -> None:
+    """Each byte of ``actual`` must equal the byte at the same place in one of ``candidates``."""
+    step = 4096
+    for pos in range(0, len(actual), step):
+        chunk = actual[pos:pos + step]
+        if any(chunk == c[pos:pos + step] for c in candidates):
+            continue
+        for i, byte in enumerate(chunk, pos):
+            if all(c[i] != byte for c in candidates):
+                raise ContractViolation(f"{what}: byte at offset {base + i} is {byte:#04x}, which no "
+                                        f"allowed outcome has ({', '.join(f'{c[i]:#04x}' for c in candidates)})")
+
+
+class Model:
+    """The serial model of the disk: what each byte must read as."""
+
+    def __init__(self, data: bytes, stores_data: bool) -> None:
+        self.data = bytearray(data)
+        self.stores = stores_data
+
+    def write(self, offset: int, data: bytes) -> None:
+        if self.stores:
+            self.data[offset:offset + len(data)] = data
+
+    def zero(self, offset: int, n: int) -> None:
+        self.data[offset:offset + n] = bytes(n)
+
+    def resize(self, n: int) -> None:
+        del self.data[n:]
+        self.data.extend(bytes(n - len(self.data)))
+
+    def __getitem__(self, s: slice) -> bytes:
+        return bytes(self.data[s])
+
+
+async def model_of(h: Harness, blk: BlockBackend) -> Model:
+    data = await read(blk, 0, blk.getlength())
+    if not h.stores_data:
+        assert_bytes(data, bytes(len(data)), 0, f"{h.driver} declares stores_data = False, so reads must be zeros")
+    return Model(data, h.stores_data)
+
+
+async def verify_all(h: Harness, blk: BlockBackend, model: Model, what: str) -> None:
+    assert_bytes(await read(blk, 0, blk.getlength()), bytes(model.data), 0, what)
+
+
+def _clip(plan: Sequence[tuple[int, int]], length: int) -> list[tuple[int, int]]:
+    return [(o, n) for o, n in plan if 0 <= o and n > 0 and o + n <= length]
+
+
+def _sized(h: Harness, length: int) -> None:
+    if length != h.size:
+        raise ContractViolation(f"getlength() is {length}, but the image was made with size {h.size}")
+    if length < MIN_SIZE:
+        raise ContractViolation(f"the conformance kit needs an image of at least {MIN_SIZE} bytes, got {length}")
+
+
+# ---------------------------------------------------------------- read-back
+
+
+async def check_read_back_aligned(h: Harness) -> None:
+    """Aligned writes read back exactly, alone and as part of the whole disk; neighbours are untouched."""
+    async with h.open_writable() as o:
+        blk = o.blk
+        length = blk.getlength()
+        _sized(h, length)
+        model = await model_of(h, blk)
+        plan = _clip([(0, 512), (4096, 4096), (65536, 65536), (length - 4096, 4096), (length // 2, 8192),
+                      (0, 4096), (131072, 1024)], length)
+        for i, (off, n) in enumerate(plan, 1):
+            data = pattern(h.seed + i, n)
+            await call(f"write at offset {off}, {n} bytes", blk.pwritev(off, memoryview(data)))
+            model.write(off, data)
+            assert_bytes(await read(blk, off, n), model[off:off + n], off, f"read-back of the write at {off}+{n}")
+        # Into a view in the middle of a larger buffer: the driver must fill the caller's memory, in place.
+        big = bytearray(b"\xee" * (8192 + 64))
+        await call("read into a memoryview slice", blk.preadv(4096, memoryview(big)[32:32 + 8192]))
+        assert_bytes(bytes(big[32:32 + 8192]), model[4096:4096 + 8192], 4096, "read into a memoryview slice")
+        if big[:32] != b"\xee" * 32 or big[-32:] != b"\xee" * 32:
+            raise ContractViolation("a read wrote outside the memoryview it was given")
+        await verify_all(h, blk, model, "whole-disk read after aligned writes")
+
+
+async def check_read_back_unaligned(h: Harness) -> None:
+    """Writes and reads at any byte offset and length read back exactly (core does read-modify-write)."""
+    async with h.open_writable() as o:
+        blk = o.blk
+        length = blk.getlength()
+        model = await model_of(h, blk)
+        plan = _clip([(1, 1), (511, 2), (513, 1000), (4095, 4097), (777, 65536 + 333), (100, 3),
+                      (length - 1, 1), (length - 3001, 3000), (70001, 511), (70000, 1)], length)
+        for i, (off, n) in enumerate(plan, 100):
+            data = pattern(h.seed + i, n)
+            await call(f"write at offset {off}, {n} bytes", blk.pwritev(off, memoryview(data)))
+            model.write(off, data)
+            assert_bytes(await read(blk, off, n), model[off:off + n], off, f"read-back of the write at {off}+{n}")
+        for off, n in _clip([(3, 7), (4090, 20), (length - 5, 5), (509, 1030), (1, 70000)], length):
+            assert_bytes(await read(blk, off, n), model[off:off + n], off, f"unaligned read at {off}+{n}")
+        await verify_all(h, blk, model, "whole-disk read after unaligned writes")
+
+
+# ---------------------------------------------------------------- zeroes and discard
+
+
+async def _fill(h: Harness, blk: BlockBackend, model: Model, ranges: Sequence[tuple[int, int]], tag: int) -> None:
+    for i, (off, n) in enumerate(_clip(ranges, blk.getlength())):
+        data = pattern(h.seed + tag + i, n)
+        await call(f"write at offset {off}, {n} bytes", blk.pwritev(off, memoryview(data)))
+        model.write(off, data)
+
+
+async def check_write_zeroes(h: Harness) -> None:
+    """Write-zeroes always reads back as zeros (with or without MAY_UNMAP, FUA, unaligned edges)."""
+    async with h.open_writable() as o:
+        blk = o.blk
+        length = blk.getlength()
+        model = await model_of(h, blk)
+        await _fill(h, blk, model, [(0, min(length, 512 * KIB)), (length - 8192, 8192)], 200)
+        plan: list[tuple[int, int, ReqFlags]] = [
+            (65536, 65536, ReqFlags.NONE), (1000, 3000, ReqFlags.NONE), (131072 + 7, 70000, ReqFlags.MAY_UNMAP),
+            (300000, 4096, ReqFlags.FUA), (length - 4096, 4096, ReqFlags.MAY_UNMAP), (0, 1, ReqFlags.NONE),
+            (250001, 1, ReqFlags.MAY_UNMAP)]
+        for off, n, flags in plan:
+            if off + n > length:
+                continue
+            await call(f"write-zeroes at offset {off}, {n} bytes ({flags!r})", blk.pwrite_zeroes(off, n, flags))
+            model.zero(off, n)
+            assert_bytes(await read(blk, off, n), bytes(n), off, f"read after write-zeroes at {off}+{n}")
+        if h.caps.zero:
+            off, n = 196608, 65536
+            try:
+                await blk.pwrite_zeroes(off, n, ReqFlags.NO_FALLBACK)
+            except NotSupported:
+                await call("write-zeroes after NotSupported", blk.pwrite_zeroes(off, n))
+            except Exception as e:
+                raise ContractViolation(f"write-zeroes with NO_FALLBACK at {off}+{n} failed: "
+                                        f"{type(e).__name__}: {e} (only NotSupported may refuse it)") from e
+            model.zero(off, n)
+        await verify_all(h, blk, model, "whole-disk read after write-zeroes")
+
+
+async def check_discard(h: Harness) -> None:
+    """Discard leaves every byte outside the range alone; inside, zeros or old data per the declared guarantee."""
+    h.require("discard")
+    async with h.open_writable() as o:
+        blk = o.blk
+        length = blk.getlength()
+        model = await model_of(h, blk)
+        await _fill(h, blk, model, [(0, min(length, 512 * KIB)), (length - 65536, 65536)], 300)
+        lim = o.node.limits
+        align = max(lim.pdiscard_alignment, lim.request_alignment, 1)
+        inner: list[tuple[int, int]] = []
+        for off, n in _clip([(65536, 65536), (1000, 5000), (200003, 100000), (length - 65536, 65536)], length):
+            await call(f"discard at offset {off}, {n} bytes", blk.pdiscard(off, n))
+            start, end = -(-off // align) * align, (off + n) // align * align
+            if end > start:
+                inner.append((start, end))
+        actual = await read(blk, 0, length)
+        zeros = bytes(length)
+        pos = 0
+        for start, end in [*sorted(inner), (length, length)]:
+            if start > pos:
+                assert_bytes(actual[pos:start], model[pos:start], pos,
+                             "data outside every discarded range changed")
+            lo = max(start, pos)
+            if end > lo:
+                if h.discard_reads_zero:
+                    assert_bytes(actual[lo:end], zeros[lo:end], lo,
+                                 f"{h.driver} declares discard_reads_zero, but a discarded range")
+                else:
+                    assert_allowed(actual[lo:end], [model[lo:end], zeros[lo:end]], lo,
+                                   "a discarded range must read as zeros or as the old data")
+            pos = max(pos, end)
+        model.data[:] = actual
+        # Discarded space is usable again.
+        await _fill(h, blk, model, [(65536, 65536), (200003, 5000)], 350)
+        await verify_all(h, blk, model, "whole-disk read after writing into discarded ranges")
+
+
+# ---------------------------------------------------------------- block status
+
+
+async def _walk_status(h: Harness, blk: BlockBackend, content: bytes, want_zero: bool) -> None:
+    length = len(content)
+    pos = 0
+    for _ in range(65536):
+        if pos >= length:
+            break
+        st, _depth = await call(f"block status at {pos}", blk.block_status(pos, length - pos, want_zero=want_zero))
+        where = f"block status at {pos} (want_zero={want_zero}) said {st.flags!r} for {st.length} bytes"
+        if st.length <= 0 or pos + st.length > length:
+            raise ContractViolation(f"{where}: the extent must be inside (0, {length - pos}]")
+        seg = content[pos:pos + st.length]
+        if st.flags & Status.ZERO and seg.count(0) != len(seg):
+            first = next(i for i, b in enumerate(seg) if b)
+            raise ContractViolation(f"{where}, but offset {pos + first} reads {seg[first]:#04x}")
+        if seg.count(0) != len(seg) and not st.flags & Status.DATA:
+            raise ContractViolation(f"{where}, but the range holds data (DATA must be set)")
+        if bool(st.flags & Status.EOF) != (pos + st.length == length):
+            raise ContractViolation(f"{where}: EOF must be set exactly on the extent that reaches the end")
+        pos += st.length
+    else:
+        raise ContractViolation(f"block status did not reach the end of the disk in 65536 extents (at {pos})")
+    st, _depth = await call("block status at the end", blk.block_status(length, 512))
+    if st.length != 0 or not st.flags & Status.EOF:
+        raise ContractViolation(f"block status at the end of the disk must be EOF with length 0, got {st!r}")
+
+
+async def check_block_status(h: Harness) -> None:
+    """Block status agrees with the data: ZERO ranges read as zeros, written data is DATA, extents tile the disk."""
+    async with h.open() as o:
+        blk = o.blk
+        length = blk.getlength()
+        if h.caps.write:
+            model = await model_of(h, blk)
+            await _fill(h, blk, model, [(0, 65536), (200005, 100000), (length - 4096, 4096)], 400)
+            await call("write-zeroes", blk.pwrite_zeroes(100 * KIB, 50 * KIB))
+            if h.caps.discard:
+                await call("discard", blk.pdiscard(400 * KIB, 64 * KIB))
+        content = await read(blk, 0, length)
+        for want_zero in (True, False):
+            await _walk_status(h, blk, content, want_zero)
+        if h.caps.write and h.stores_data:
+            for off in (200005 + 17, 12345, length - 1):
+                st, _depth = await call(f"block status at {off}", blk.block_status(off, 100))
+                if not st.flags & Status.DATA or st.flags & Status.ZERO:
+                    raise ContractViolation(f"block status at {off}, inside written data, said {st.flags!r}")
+
+
+# ---------------------------------------------------------------- flush
+
+
+async def check_flush(h: Harness) -> None:
+    """Flush succeeds (clean, dirty, repeated, read-only); after flush or a FUA write the data is stable.
+
+    Stable means visible to a second, read-only opener of the same storage (persistent drivers).
+    """
+    peer_ok = h.persistent and h.concurrent_open
+    async with h.open_writable() as o:
+        blk = o.blk
+        model = await model_of(h, blk)
+        await call("flush of a clean disk", blk.flush())
+        await _fill(h, blk, model, [(4096, 8192), (100000, 3000)], 500)
+        await call("flush", blk.flush())
+        await call("second flush", blk.flush())
+        if peer_ok:
+            async with h.open(read_only=True, force_share=True) as peer:
+                await verify_all(h, peer.blk, model, "a second opener after flush")
+        data = pattern(h.seed + 550, 4096)
+        await call("FUA write", blk.pwritev(65536, memoryview(data), ReqFlags.FUA))
+        model.write(65536, data)
+        if peer_ok:
+            async with h.open(read_only=True, force_share=True) as peer:
+                await verify_all(h, peer.blk, model, "a second opener after a FUA write (no flush)")
+        await verify_all(h, blk, model, "whole-disk read after flushes")
+    async with h.open(read_only=True) as ro:
+        await call("flush on a read-only node", ro.blk.flush())
+
+
+# ---------------------------------------------------------------- truncate
+
+
+async def check_truncate(h: Harness) -> None:
+    """Growing reads zeros in the new space; shrinking cuts (and re-growing never resurrects old data)."""
+    if h.supports_truncate is False:
+        return await _check_truncate_refused(h)
+    h.require("truncate")
+    step = 64 * KIB
+    async with h.open_writable() as o:
+        blk = o.blk
+        length = blk.getlength()
+        model = await model_of(h, blk)
+        await _fill(h, blk, model, [(length - 3 * step, 3 * step), (0, 4096)], 600)
+        await call(f"grow to {length + step}", blk.truncate(length + step))
+        if blk.getlength() != length + step:
+            raise ContractViolation(f"after truncate to {length + step}, getlength() is {blk.getlength()}")
+        model.resize(length + step)
+        await verify_all(h, blk, model, "after growing (old data kept, new space zeros)")
+        await _fill(h, blk, model, [(length + 100, 5000)], 650)
+        short = length - 2 * step
+        await call(f"shrink to {short}", blk.truncate(short))
+        if blk.getlength() != short:
+            raise ContractViolation(f"after truncate to {short}, getlength() is {blk.getlength()}")
+        model.resize(short)
+        await verify_all(h, blk, model, "after shrinking")
+        await expect_error(f"read at {short} after shrinking", blk.preadv(short, memoryview(bytearray(1))),
+                           [errno.EIO])
+        await call(f"grow back to {length}", blk.truncate(length))
+        model.resize(length)
+        await verify_all(h, blk, model, "after shrinking and growing again (the cut data must not come back)")
+    if h.persistent:
+        async with h.open() as o:
+            if o.blk.getlength() != length:
+                raise ContractViolation(f"after truncate and reopen, getlength() is {o.blk.getlength()}, "
+                                        f"expected {length}")
+            await verify_all(h, o.blk, model, "after truncate and reopen")
+    return None
+
+
+async def _check_truncate_refused(h: Harness) -> None:
+    async with h.open_writable() as o:
+        blk = o.blk
+        length = blk.getlength()
+        model = await model_of(h, blk)
+        await expect_error(f"truncate of {h.driver}, which declares supports_truncate = False",
+                           blk.truncate(length + 65536), [errno.ENOTSUP, errno.EPERM])
+        if blk.getlength() != length:
+            raise ContractViolation(f"a refused truncate changed the length from {length} to {blk.getlength()}")
+        await verify_all(h, blk, model, "after a refused truncate")
+
+
+# ---------------------------------------------------------------- bounds and permissions
+
+
+async def check_out_of_range(h: Harness) -> None:
+    """The length is the size asked for; requests beyond it fail with EIO and change nothing."""
+    async with h.open() as o:
+        blk = o.blk
+        length = blk.getlength()
+        _sized(h, length)
+        before = await read(blk, 0, length)
+        bad = [(length, 1), (length - 1, 2), (length + 4096, 512), (-1, 1), (-512, 1024), (0, length + 1)]
+        for off, n in bad:
+            await expect_error(f"read at {off}+{n} (length {length})", blk.preadv(off, memoryview(bytearray(n))),
+                               [errno.EIO])
+            if not h.caps.write:
+                continue
+            await expect_error(f"write at {off}+{n} (length {length})",
+                               blk.pwritev(off, memoryview(b"\x01" * n)), [errno.EIO])
+            await expect_error(f"write-zeroes at {off}+{n} (length {length})", blk.pwrite_zeroes(off, n),
+                               [errno.EIO])
+            await expect_error(f"discard at {off}+{n} (length {length})", blk.pdiscard(off, n), [errno.EIO])
+        assert_bytes(await read(blk, 0, length), before, 0, "after refused out-of-range requests")
+        assert_bytes(await read(blk, length - 1, 1), before[-1:], length - 1, "the last byte")
+
+
+async def check_read_only(h: Harness) -> None:
+    """A read-only open refuses every modification with EPERM and writes nothing, not even on close."""
+    if h.caps.write:
+        async with h.open() as o:
+            await _fill(h, o.blk, Model(b"", False), [(0, 65536), (o.blk.getlength() - 512, 512)], 700)
+            expected = await read(o.blk, 0, o.blk.getlength())
+    else:
+        expected = None
+    async with h.open(read_only=True) as ro:
+        blk = ro.blk
+        length = blk.getlength()
+        if not ro.node.read_only:
+            raise ContractViolation("a node opened with read-only=on does not say it is read-only")
+        await expect_error("write on a read-only node", blk.pwritev(0, memoryview(b"\x01" * 512)), [errno.EPERM])
+        await expect_error("write-zeroes on a read-only node", blk.pwrite_zeroes(0, 4096), [errno.EPERM])
+        await expect_error("discard on a read-only node", blk.pdiscard(0, 65536), [errno.EPERM])
+        await expect_error("truncate on a read-only node", blk.truncate(length + 65536), [errno.EPERM])
+        await expect_error("attaching a read-write backend to a read-only node",
+                           BlockBackend.attach_new(ro.session, ro.node), [errno.EPERM, errno.EACCES])
+        seen = await read(blk, 0, length)
+        if expected is not None and h.persistent:
+            assert_bytes(seen, expected, 0, "read-only open of what was written before")
+        if blk.getlength() != length:
+            raise ContractViolation(f"refused requests changed the length from {length} to {blk.getlength()}")
+    if h.persistent and h.caps.write:
+        async with h.open() as o:
+            assert_bytes(await read(o.blk, 0, o.blk.getlength()), expected, 0,
+                         "data after a read-only open and close (the driver wrote while read-only)")
+    if h.persistent and h.caps.write and h.concurrent_open:
+        # A reader open while someone else writes must not write its (stale) view back when it closes.
+        async with h.open(read_only=True, force_share=True):
+            async with h.open() as o:
+                model = await model_of(h, o.blk)
+                await _fill(h, o.blk, model, [(4096, 8192)], 750)
+                await call("flush", o.blk.flush())
+        async with h.open() as o:
+            await verify_all(h, o.blk, model, "data written while a read-only opener was open, after that "
+                             "opener closed (it wrote back on close)")
+
+
+# ---------------------------------------------------------------- concurrency
+
+
+@attrs.frozen
+class _Op:
+    kind: str  # read, write, zero, flush
+    offset: int
+    length: int
+    data: bytes = b""
+
+
+def _plan_batch(rng: random.Random, n: int, region: int, tag: int) -> list[_Op]:
+    ops: list[_Op] = []
+    for i in range(n):
+        kind = rng.choices(("read", "write", "zero", "flush"), (40, 40, 12, 3))[0]
+        if kind == "flush":
+            ops.append(_Op("flush", 0, 0))
+            continue
+        # Mostly small, often unaligned, clustered so that requests overlap and share blocks.
+        length = rng.choice((1, 7, 512, 513, 1000, 4096, 4097, 8192, 20000))
+        base = rng.choice((0, 512, 4096, 65536 - 700, 131072 + 3, rng.randrange(region)))
+        offset = max(0, min(base + rng.randrange(-600, 600), region - length))
+        data = pattern(tag + i, length) if kind == "write" else bytes(length) if kind == "zero" else b""
+        ops.append(_Op(kind, offset, length, data))
+    return ops
+
+
+async def check_concurrent(h: Harness) -> None:
+    """N concurrent reads, writes and write-zeroes (overlapping, unaligned) agree with a serial model.
+
+    A read may see, byte by byte, the old data or any write running beside it; after the batch a
+    byte written by exactly one request holds that request's data, and one written by several holds
+    one of theirs. Nothing outside the batch's writes may change (torn read-modify-write).
+    """
+    rng = random.Random(h.seed + 800)
+    async with h.open_writable() as o:
+        blk = o.blk
+        length = blk.getlength()
+        region = min(length, 256 * KIB)
+        model = await model_of(h, blk)
+        for rnd in range(4):
+            ops = _plan_batch(rng, h.concurrent_requests, region, h.seed + 10_000 * (rnd + 1))
+            bufs = [bytearray(op.length) if op.kind == "read" else None for op in ops]
+
+            def start(op: _Op, buf: bytearray | None) -> Awaitable[Any]:
+                if op.kind == "read":
+                    return blk.preadv(op.offset, memoryview(buf))
+                if op.kind == "write":
+                    return blk.pwritev(op.offset, memoryview(op.data))
+                if op.kind == "zero":
+                    return blk.pwrite_zeroes(op.offset, op.length)
+                return blk.flush()
+
+            results = await asyncio.gather(*(start(op, b) for op, b in zip(ops, bufs, strict=True)),
+                                           return_exceptions=True)
+            for op, res in zip(ops, results, strict=True):
+                if isinstance(res, BaseException):
+                    raise ContractViolation(f"concurrent {op.kind} at {op.offset}+{op.length} failed: "
+                                            f"{type(res).__name__}: {res}") from res
+            writes = [op for op in ops if op.kind in ("write", "zero")]
+            for op, buf in zip(ops, bufs, strict=True):
+                if op.kind == "read":
+                    _check_read(bytes(buf), op, model, writes, h.stores_data, rnd)
+            after = await read(blk, 0, region)
+            _check_final(after, model, writes, h.stores_data, rnd)
+            model.data[:region] = after
+        await verify_all(h, blk, model, "whole-disk read after the concurrent rounds")
+
+
+def _segments(lo: int, hi: int, writes: list[_Op]) -> list[tuple[int, int, list[_Op]]]:
+    """Split [lo, hi) where the set of writes covering it changes."""
+    cuts = {lo, hi}
+    for w in writes:
+        cuts.update(x for x in (w.offset, w.offset + w.length) if lo < x < hi)
+    points = sorted(cuts)
+    return [(a, b, [w for w in writes if w.offset < b and a < w.offset + w.length])
+            for a, b in itertools.pairwise(points)]
+
+
+def _written(w: _Op, a: int, b: int, model: Model, stores: bool) -> bytes:
+    """What [a, b) reads as once ``w`` (which covers it) has been applied."""
+    return w.data[a - w.offset:b - w.offset] if stores or w.kind == "zero" else model[a:b]
+
+
+def _check_read(got: bytes, op: _Op, model: Model, writes: list[_Op], stores: bool, rnd: int) -> None:
+    """A concurrent read sees, byte by byte, the old data or a write running beside it."""
+    for a, b, cover in _segments(op.offset, op.offset + op.length, writes):
+        cands = [model[a:b]] + [_written(w, a, b, model, stores) for w in cover]
+        assert_allowed(got[a - op.offset:b - op.offset], cands, a,
+                       f"round {rnd}: concurrent read at {op.offset}+{op.length}")
+
+
+def _check_final(after: bytes, model: Model, writes: list[_Op], stores: bool, rnd: int) -> None:
+    """After the batch: untouched bytes are old; written bytes hold one of the writes covering them."""
+    for a, b, cover in _segments(0, len(after), writes):
+        got = after[a:b]
+        if not cover:
+            assert_bytes(got, model[a:b], a, f"round {rnd}: data that no concurrent write touched changed")
+            continue
+        cands = [_written(w, a, b, model, stores) for w in cover]
+        if any(got == c for c in cands):
+            continue
+        try:
+            assert_allowed(got, cands, a, f"round {rnd}: after concurrent writes")
+        except ContractViolation as e:
+            torn = " (old data came back: a torn read-modify-write?)" if got != model[a:b] and any(
+                x == y for x, y in zip(got, model[a:b], strict=True)) else ""
+            raise ContractViolation(f"{e}{torn}") from None
+
+
+# ---------------------------------------------------------------- lifecycle
+
+
+async def check_reopen(h: Harness) -> None:
+    """Close and open again: the length is kept, and so is the data when the driver is persistent."""
+    async with h.open() as o:
+        length = o.blk.getlength()
+        if h.caps.write:
+            model = await model_of(h, o.blk)
+            await _fill(h, o.blk, model, [(0, 4096), (123457, 7777), (length - 512, 512)], 900)
+        expected = await read(o.blk, 0, length)
+    for attempt in range(2):
+        async with h.open() as o:
+            if o.blk.getlength() != length:
+                raise ContractViolation(f"reopen #{attempt + 1}: getlength() is {o.blk.getlength()}, "
+                                        f"was {length} before closing")
+            if h.persistent:
+                assert_bytes(await read(o.blk, 0, length), expected, 0,
+                             f"reopen #{attempt + 1} of a persistent driver")
+    async with h.open(read_only=True) as o:
+        if h.persistent:
+            assert_bytes(await read(o.blk, 0, length), expected, 0, "read-only reopen of a persistent driver")
+
+
+async def check_close_idempotent(h: Harness) -> None:
+    """Closing twice silently succeeds (trio's aclose rule), and the last user's close closes the whole tree."""
+    async with h.open() as o:
+        if h.caps.write:
+            await _fill(h, o.blk, Model(b"", False), [(0, 4096)], 950)
+        drv = o.node.driver
+        await call("closing the backend", o.blk.close())
+        await call("closing the backend again", o.blk.close())
+        if not o.node.closed:
+            raise ContractViolation("the node stayed open after its only user closed")
+        if o.session.nodes:
+            raise ContractViolation(f"nodes left open after the root closed: {sorted(o.session.nodes)}")
+        await call("a second driver.close()", drv.close())
+        await call("a third driver.close()", drv.close())
+        await call("close_node on a closed node", close_node(o.node))
+        await call("closing the session", o.session.close())
+    # The harness closes the session a second time on exit: that, too, must be quiet.
+
+
+async def check_option_errors(h: Harness) -> None:
+    """An unknown or invalid option is an OptionError naming node, driver and key, and leaves nothing open."""
+    cases: list[tuple[str, Any]] = [("x-no-such-option", "1"), *list(h.invalid_options.items())]
+    name = "contract-opt"
+    for key, value in cases:
+        session = Session(plugins=h.new_host())
+        try:
+            tree = merge(h.tree(), unflatten({"node-name": name, key: value}))
+            try:
+                await session.open_node(tree)
+            except OptionError as e:
+                msg = str(e)
+                for what, want, got in (("node", name, e.node), ("driver", h.driver, e.driver),
+                                        ("option", key, e.option)):
+                    if got != want or f"'{want}'" not in msg:
+                        raise ContractViolation(f"{key}={value!r}: the OptionError must name {what} '{want}' "
+                                                f"(got {what}={got!r}, message {msg!r})") from e
+            except Exception as e:
+                raise ContractViolation(f"{key}={value!r}: expected OptionError, got {type(e).__name__}: {e}") \
+                    from e
+            else:
+                raise ContractViolation(f"{key}={value!r} was accepted; it must be refused with an OptionError")
+            if session.nodes:
+                raise ContractViolation(f"{key}={value!r}: the failed open left nodes behind: {sorted(session.nodes)}")
+        finally:
+            await session.close()
+
+
+# ---------------------------------------------------------------- declarations
+
+
+_METHODS = ("open", "close", "getlength", "preadv", "pwritev", "flush", "pwrite_zeroes", "pdiscard",
+            "block_status", "truncate", "flush_to_os")
+
+
+async def check_declared_capabilities(h: Harness) -> None:
+    """What the driver registers and declares matches what it implements; declared guarantees are backed."""
+    entry = h.host.driver_entry(h.driver)
+    cls = h.driver_class
+    problems: list[str] = []
+    if getattr(cls, "name", None) != entry.name:
+        problems.append(f"registered as '{entry.name}' but the class says name = {getattr(cls, 'name', None)!r}")
+    try:
+        kind = DriverKind(cls.kind)
+    except (AttributeError, ValueError):
+        problems.append(f"kind {getattr(cls, 'kind', None)!r} is not a DriverKind")
+    else:
+        if entry.meta["kind"] is not kind:
+            problems.append(f"registered with kind={entry.meta['kind'].value} but the class says {kind.value}")
+    if entry.meta["probe"] != callable(getattr(cls, "probe", None)):
+        problems.append(f"registered with probe={entry.meta['probe']} but the class "
+                        f"{'has' if callable(getattr(cls, 'probe', None)) else 'has no'} probe()")
+    if getattr(cls, "api_version", None) not in SUPPORTED_API_VERSIONS:
+        problems.append(f"api_version {getattr(cls, 'api_version', None)!r} is not supported")
+    options = getattr(cls, "Options", None)
+    if options is None or not attrs.has(options):
+        problems.append("Options must be an attrs class")
+    else:
+        keys = [f.metadata.get("key") or f.name for f in attrs.fields(options)]
+        if len(keys) != len(option_fields(options)):
+            problems.append(f"Options declares a key twice: {keys}")
+    if not isinstance(getattr(cls, "concurrency", Concurrency.SERIALIZE_REQUESTS), Concurrency):
+        problems.append(f"concurrency {cls.concurrency!r} is not a Concurrency")
+    for attr in ("supported_write_flags", "supported_zero_flags"):
+        if not isinstance(getattr(cls, attr, ReqFlags.NONE), ReqFlags):
+            problems.append(f"{attr} must be ReqFlags")
+    for meth in _METHODS:
+        fn = getattr(cls, meth, None)
+        if fn is not None and not inspect.iscoroutinefunction(fn):
+            problems.append(f"{meth}() must be 'async def' (core awaits it)")
+    if callable(getattr(cls, "pwritev", None)) != callable(getattr(cls, "flush", None)):
+        problems.append("Writable needs both pwritev() and flush(); with one of them core treats the node as "
+                        "read-only")
+    caps = Capabilities.of(cls)
+    if h.supports_truncate and not caps.truncate:
+        problems.append("declares supports_truncate = True but does not implement Truncatable")
+    if h.discard_reads_zero and not caps.discard:
+        problems.append("declares discard_reads_zero = True but does not implement Discarder")
+    if h.persistent and not h.stores_data:
+        problems.append("declares persistent = True and stores_data = False")
+    if problems:
+        raise ContractViolation(f"driver '{h.driver}': " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------- filters
+
+
+async def check_filter_forwarding(h: Harness) -> None:
+    """A filter shows its child's length and status and forwards each request to it, in order, unchanged.
+
+    Needs the filter stacked over ``testing-memdisk`` (which records what reaches it), as
+    :class:`~blockgraph.testing.suite.FilterContract` does.
+    """
+    from .memdisk import STORES
+
+    if h.child_store is None:
+        raise NotApplicable("no recording child: stack the filter over testing-memdisk (FilterContract does)")
+    async with h.open() as o:
+        blk, node = o.blk, o.node
+        if node.kind is not DriverKind.FILTER:
+            raise ContractViolation(f"{h.driver} is tested as a filter but declares kind={node.kind.value}")
+        child = node.filtered
+        if child is None:
+            raise ContractViolation("a filter must attach its child with ChildRole.FILTERED")
+        if blk.getlength() != child.node.length:
+            raise ContractViolation(f"the filter's length {blk.getlength()} differs from its child's "
+                                    f"{child.node.length}")
+        log = STORES[h.child_store].log
+        ops: list[tuple[str, int, int, Callable[[], Awaitable[Any]]]] = [
+            ("read", 8192, 512, lambda: blk.preadv(8192, memoryview(bytearray(512))))]
+        if h.caps.write:
+            ops += [("write", 4096, 4096, lambda: blk.pwritev(4096, memoryview(pattern(h.seed, 4096)))),
+                    ("zero", 65536, 65536, lambda: blk.pwrite_zeroes(65536, 65536)),
+                    ("flush", 0, 0, blk.flush)]
+        if h.caps.discard:
+            ops.append(("discard", 131072, 65536, lambda: blk.pdiscard(131072, 65536)))
+        for verb, off, n, start in ops:
+            del log[:]
+            await call(f"{verb} at {off}+{n} through the filter", start())
+            seen = [(v, o_, n_) for v, o_, n_ in log if v != "read" or verb == "read"]
+            want = [(verb, off, n)] + ([("write", off, n)] if verb == "zero" else [])
+            if not any(w in seen for w in want):
+                raise ContractViolation(f"{verb} at {off}+{n} on the filter reached its child as {seen or 'nothing'}")
+        for off in (0, 4096, 65536):
+            st, _depth = await call(f"block status at {off}", blk.block_status(off, 65536))
+            inner = await call(f"child block status at {off}", child.block_status(off, 65536))
+            if (st.flags & (Status.DATA | Status.ZERO)) != (inner.flags & (Status.DATA | Status.ZERO)):
+                raise ContractViolation(f"block status at {off}: the filter says {st.flags!r}, its child "
+                                        f"{inner.flags!r}")
+
+
+# ---------------------------------------------------------------- the list, and a runner without pytest
+
+
+CHECKS: dict[str, Callable[[Harness], Awaitable[None]]] = {
+    "read_back_aligned": check_read_back_aligned,
+    "read_back_unaligned": check_read_back_unaligned,
+    "write_zeroes": check_write_zeroes,
+    "discard": check_discard,
+    "block_status": check_block_status,
+    "flush": check_flush,
+    "truncate": check_truncate,
+    "out_of_range": check_out_of_range,
+    "read_only": check_read_only,
+    "concurrent": check_concurrent,
+    "reopen": check_reopen,
+    "close_idempotent": check_close_idempotent,
+    "option_errors": check_option_errors,
+    "declared_capabilities": check_declared_capabilities,
+}
+
+
+FILTER_CHECKS: dict[str, Callable[[Harness], Awaitable[None]]] = {"filter_forwarding": check_filter_forwarding}
+
+
+@attrs.frozen
+class Outcome:
+    check: str
+    status: str  # passed, failed, skipped
+    message: str = ""
+
+
+async def run_checks(h: Harness, names: Sequence[str] | None = None) -> list[Outcome]:
+    """Run checks (all by default) and report each as passed, failed or skipped (a CLI self-test)."""
+    out = []
+    for name in names or CHECKS:
+        try:
+            await {**CHECKS, **FILTER_CHECKS}[name](h)
+        except NotApplicable as e:
+            out.append(Outcome(name, "skipped", str(e)))
+        except Exception as e:
+            out.append(Outcome(name, "failed", f"{type(e).__name__}: {e}"))
+        else:
+            out.append(Outcome(name, "passed"))
+    return out
