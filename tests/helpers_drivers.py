@@ -17,9 +17,9 @@ from typing import Any, ClassVar
 import attrs
 from blockgraph import hookimpl
 from blockgraph.driver import BlockStatus, Concurrency, DriverKind, PreallocMode, ReqFlags, Status
-from blockgraph.errors import BlockIOError, NotSupported
+from blockgraph.errors import BlockIOError, ImageLocked, NotSupported
 from blockgraph.options import one_of, opt, parse_bool, parse_int, parse_size
-from blockgraph.perms import ChildRole
+from blockgraph.perms import ChildRole, Perm, perm_names
 
 
 def _events(node: Any) -> list[tuple]:
@@ -42,6 +42,8 @@ class RamOptions:
     fua: bool = opt(False, converter=parse_bool)
     serialize: bool = opt(False, converter=parse_bool)
     fill: int = opt(0, converter=parse_int)
+    refuse: int = opt(0, converter=parse_int)  # ram-locky: Perm mask it will not take
+    refuse_unshare: int = opt(0, key="refuse-unshare", converter=parse_int)  # ... nor let others miss
 
 
 class RamDriver:
@@ -152,6 +154,32 @@ class RamSerialDriver(RamDriver):
     concurrency: ClassVar[Concurrency] = Concurrency.SERIALIZE_REQUESTS
 
 
+class RamLockyDriver(RamDriver):
+    """A RAM disk with permission hooks, like a file with locks, that can refuse some permissions."""
+
+    name: ClassVar[str] = "ram-locky"
+
+    async def open(self, node: Any, options: RamOptions) -> None:
+        await super().open(node, options)
+        self.perm_calls: list[tuple] = []
+
+    def check_perm(self, perm: Perm, shared: Perm) -> None:
+        self.perm_calls.append(("check", perm, shared))
+        _events(self.node).append((self.node.node_name, "check_perm", perm, shared))
+        if perm & self.options.refuse:
+            raise ImageLocked(f"{self.node.node_name}: refusing {perm_names(perm & self.options.refuse)}")
+        if ~shared & self.options.refuse_unshare:
+            raise ImageLocked(f"{self.node.node_name}: must share "
+                              f"{perm_names(~shared & self.options.refuse_unshare)}")
+
+    def set_perm(self, perm: Perm, shared: Perm) -> None:
+        self.perm_calls.append(("set", perm, shared))
+
+    def abort_perm(self) -> None:
+        self.perm_calls.append(("abort",))
+        _events(self.node).append((self.node.node_name, "abort_perm"))
+
+
 TCOW_MAGIC = b"TCOW\x00\x01"
 
 
@@ -253,7 +281,7 @@ class DriversPlugin:
             register(cls)
 
 
-ALL_TEST_DRIVERS = (RamDriver, RamNoZeroDriver, RamSerialDriver, TcowDriver)
+ALL_TEST_DRIVERS = (RamDriver, RamNoZeroDriver, RamSerialDriver, RamLockyDriver, TcowDriver)
 
 
 def drivers_plugin() -> tuple[DriversPlugin, str]:

@@ -52,7 +52,7 @@ class BlockBackend:
                       "failed_wr_operations": 0}
 
     def describe(self) -> str:
-        return f"block device '{self.name}'" if self.name else "a block backend"
+        return f"block device '{self.name}'" if self.name else "an unnamed block device"
 
     @classmethod
     async def attach_new(cls, session: Session, node: Node, **kw: Any) -> BlockBackend:
@@ -63,6 +63,10 @@ class BlockBackend:
     # ------------------------------------------------------------ graph
 
     def insert(self, node: Node) -> None:
+        if self.name and self.session.backends.get(self.name, self) is not self:
+            raise OptionError(f"Device with id '{self.name}' already exists")
+        if self.name and self.name in self.session.nodes:
+            raise OptionError(f"Device name '{self.name}' conflicts with an existing node name")
         if not self.read_only and node.read_only:
             raise BlockIOError(errno.EACCES, node=node.name, op="open", detail="Block node is read-only")
         self.root = attach(self, node, "root", ChildRole.IMAGE, perm=self.perm, shared=self.shared)

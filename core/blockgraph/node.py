@@ -10,7 +10,7 @@ import attrs
 
 from . import io
 from .driver import BlockLimits, BlockStatus, Capabilities, Concurrency, DriverKind, PreallocMode, ReqFlags
-from .errors import BlockIOError, OpenError, PermissionConflict
+from .errors import BlockGraphError, BlockIOError, OpenError, PermissionConflict
 from .perms import ChildRole, Perm, default_child_perm, perm_names
 
 if TYPE_CHECKING:
@@ -26,7 +26,7 @@ class Child:
     ``await self.file.preadv(...)`` as QEMU calls ``bdrv_co_preadv(bs->file, ...)``.
     """
 
-    __slots__ = ("name", "role", "parent", "node", "perm", "shared")
+    __slots__ = ("name", "node", "parent", "perm", "role", "shared")
 
     def __init__(self, name: str, role: ChildRole, parent: Any, node: Node) -> None:
         self.name, self.role, self.parent, self.node = name, role, parent, node
@@ -259,6 +259,8 @@ def update_perms(starts: Iterable[Node], edge_wants: dict[Child, tuple[Perm, Per
 def attach(parent: Any, node: Node, name: str, role: ChildRole, *, perm: Perm | None = None,
            shared: Perm | None = None) -> Child:
     """Add an edge as a transaction: on a permission conflict nothing changes."""
+    if isinstance(parent, Node) and name in parent.children:
+        raise BlockGraphError(f"node '{parent.name}' already has a '{name}' child")
     child = Child(name, role, parent, node)
     node.parents.append(child)
     if isinstance(parent, Node):
@@ -416,4 +418,4 @@ class NodeContext:
         return await io.block_status(child.node, offset, length, want_zero)
 
 
-__all__ = ["Child", "Node", "NodeContext", "attach", "detach", "replace", "update_perms", "close_node", "ENOTSUP"]
+__all__ = ["ENOTSUP", "Child", "Node", "NodeContext", "attach", "close_node", "detach", "replace", "update_perms"]

@@ -45,7 +45,8 @@ def default_child_perm(role: ChildRole, perm: Perm, shared: Perm, writable: bool
 
     The rules of QEMU's ``bdrv_default_perms``: filtered children pass everything
     through; backing (COW) children only need consistent read; children holding
-    metadata never share write or resize, because the parent caches metadata.
+    metadata never share write or resize, because the parent caches metadata;
+    data children never share resize and take it when they are written.
     """
     perm, shared = Perm(perm & Perm.ALL), Perm(shared & Perm.ALL)
     if role & ChildRole.COW:
@@ -62,7 +63,9 @@ def default_child_perm(role: ChildRole, perm: Perm, shared: Perm, writable: bool
         perm |= Perm.CONSISTENT_READ
         shared &= ~(Perm.WRITE | Perm.RESIZE)
     if role & ChildRole.DATA:
+        shared &= ~Perm.RESIZE  # the parent may assume the size (metadata, fixed-size extents)
         if perm & Perm.WRITE_UNCHANGED:
-            perm |= Perm.WRITE
-        shared |= Perm.WRITE_UNCHANGED
+            perm |= Perm.WRITE  # copied clusters are real writes on the data file
+        if perm & Perm.WRITE:
+            perm |= Perm.RESIZE  # writes beyond EOF may grow it
     return Perm(perm), Perm(shared)

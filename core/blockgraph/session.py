@@ -21,7 +21,7 @@ from .perms import ChildRole
 from .plugins import PluginHost
 
 PROBE_BYTES = 2048
-_NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,126}$")
+_NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 log = get_logger(__name__)
 
 RAW_PROBE_WARNING = (
@@ -148,13 +148,18 @@ class Session:
         name_given = common_tree.get("node-name")
         common = structure(NodeOptions, common_tree, node=name_given, driver=str(options["driver"]))
         cls = self.registry.driver(common.driver)
-        name = common.node_name or self._new_name()
+        name = self._new_name() if common.node_name is None else common.node_name
         if common.node_name is not None:
             if not _NODE_NAME.match(name):
                 raise OptionError(f"Invalid node-name: '{name}'", node=name, driver=common.driver,
                                   option="node-name")
+            if name in self.backends:
+                raise OptionError(f"node-name={name} is conflicting with a device id", node=name,
+                                  option="node-name")
             if name in self.nodes:
                 raise OptionError(f"Duplicate nodes with node-name='{name}'", node=name, option="node-name")
+            if len(name) > 31:  # QEMU keeps node names in 32 bytes
+                raise OptionError("Node name too long", node=name, option="node-name")
         if common.force_share and not common.read_only:
             raise OptionError("force-share=on can only be used with read-only images", node=name,
                               driver=common.driver, option="force-share")

@@ -9,7 +9,7 @@ import attrs
 from blockgraph.driver import BlockStatus, Concurrency, DriverKind, PreallocMode, ReqFlags, Status
 from blockgraph.errors import BlockIOError, OpenError
 from blockgraph.options import one_of, opt, optional, parse_size
-from blockgraph.perms import ChildRole
+from blockgraph.perms import ChildRole, Perm, default_child_perm
 
 PROBE_SECTOR = 512
 
@@ -60,6 +60,11 @@ class RawDriver:
         # A probed raw image must not have its first sector rewritten into another format's magic.
         align = PROBE_SECTOR if node.probed_raw else 1
         node.set_limits(request_alignment=align)
+
+    def child_perm(self, name: str, role: ChildRole, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
+        """QEMU's raw_child_perm: the default rules, but write and resize only when a parent asks for them."""
+        want, share = default_child_perm(role, perm, shared, writable=not self.node.read_only)
+        return (want & ~(Perm.WRITE | Perm.RESIZE)) | (perm & (Perm.WRITE | Perm.RESIZE)), share
 
     async def close(self) -> None:
         """The child is detached by core."""
