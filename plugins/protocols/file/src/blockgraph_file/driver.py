@@ -105,7 +105,7 @@ class FileDriver:
         align = self._probe_alignment() if node.cache_direct else 1
         node.set_limits(request_alignment=align, max_transfer=MAX_TRANSFER,
                         min_mem_alignment=mmap.PAGESIZE if node.cache_direct else 1,
-                        pdiscard_alignment=align if self.is_blk else 0)
+                        pdiscard_alignment=self._probe_alignment() if self.is_blk else 0)  # BLKDISCARD: sectors
         self.direct = node.cache_direct
 
     def _probe_alignment(self) -> int:
@@ -297,7 +297,7 @@ class FileDriver:
         try:
             await self.node.run_blocking(self._truncate, length, exact, prealloc)
         except OSError as e:
-            raise BlockIOError(e.errno, node=self.node.node_name, op="truncate") from None
+            raise BlockIOError(e.errno, node=self.node.node_name, op="truncate", detail=e.strerror) from None
 
     def _truncate(self, length: int, exact: bool, prealloc: PreallocMode) -> None:
         old = os.fstat(self.fd).st_size
