@@ -1,0 +1,111 @@
+"""The third-party example (tests/example_plugin, distribution blockgraph-ramdisk) and the kit on it.
+
+In-process: the module is registered on a per-test PluginHost (``extra=[(module, "ramdisk")]``) and
+the example's own ``tests/test_contract.py`` class runs unchanged. Slow: the example is installed
+into a fresh venv next to blockgraph, found through its entry point, and its tests pass there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from blockgraph.driver import Capabilities
+from blockgraph.plugins import PluginHost
+from blockgraph.testing import Harness, run_checks
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = Path(__file__).parent / "example_plugin"
+
+
+def _load(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ramdisk = _load("blockgraph_ramdisk", EXAMPLE / "blockgraph_ramdisk.py")
+example_tests = _load("example_plugin_test_contract", EXAMPLE / "tests/test_contract.py")
+
+
+def ramdisk_host() -> PluginHost:
+    return PluginHost(autoload=False, extra=[(ramdisk, "ramdisk")])
+
+
+class TestRamdiskInProcess(example_tests.TestRamdisk):
+    """The example's conformance class exactly as its author wrote it, plus in-process registration."""
+
+    extra_plugins = ((ramdisk, "ramdisk"),)
+    autoload = False
+
+
+def test_entry_point_names_the_module() -> None:
+    meta = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())
+    assert meta["project"]["name"] == "blockgraph-ramdisk"
+    assert meta["project"]["entry-points"]["blockgraph"] == {"ramdisk": "blockgraph_ramdisk"}
+    assert ramdisk_host().drivers["ramdisk"].target is ramdisk.RamdiskDriver
+
+
+def test_the_driver_stays_small() -> None:
+    assert len((EXAMPLE / "blockgraph_ramdisk.py").read_text().splitlines()) <= 50
+
+
+def test_capabilities_and_fallbacks() -> None:
+    caps = Capabilities.of(ramdisk.RamdiskDriver)
+    assert caps.write and not (caps.zero or caps.discard or caps.block_status or caps.truncate)
+
+
+def test_missing_capabilities_are_skipped_by_name() -> None:
+    harness = Harness("ramdisk", {"size": "1M"}, plugins=ramdisk_host)
+    outcomes = {o.check: o for o in asyncio.run(run_checks(harness))}
+    assert (outcomes["discard"].status, outcomes["discard"].message) == (
+        "skipped", "ramdisk does not implement Discarder")
+    assert (outcomes["truncate"].status, outcomes["truncate"].message) == (
+        "skipped", "ramdisk does not implement Truncatable")
+    # write-zeroes is emulated by core and block status defaults to DATA: both are checked, not skipped
+    assert outcomes["write_zeroes"].status == outcomes["block_status"].status == "passed"
+    assert {o.status for n, o in outcomes.items() if n not in ("discard", "truncate")} == {"passed"}
+
+
+# ---------------------------------------------------------------- installed for real
+
+
+def _venv(path: Path, *installs: str) -> Path:
+    uv = shutil.which("uv")
+    if uv:
+        subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(path)], check=True)
+        subprocess.run([uv, "pip", "install", "-q", "--python", str(path / "bin/python"), *installs], check=True)
+    else:
+        subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+        subprocess.run([str(path / "bin/pip"), "install", "-q", *installs], check=True)
+    return path / "bin"
+
+
+@pytest.mark.slow
+def test_installed_example_passes_its_own_tests(tmp_path: Path) -> None:
+    checkout = tmp_path / "blockgraph-ramdisk"
+    shutil.copytree(EXAMPLE, checkout, ignore=shutil.ignore_patterns("__pycache__"))
+    bindir = _venv(tmp_path / "venv", str(ROOT), f"{checkout}[test]")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "BLOCKGRAPH_"))}
+
+    listing = subprocess.run([str(bindir / "blockgraph"), "plugins"], cwd=checkout, env=env,
+                             capture_output=True, text=True)
+    assert listing.returncode == 0, listing.stderr
+    assert "blockgraph-ramdisk 0.1.0 (entry point 'ramdisk', blockgraph_ramdisk)" in listing.stdout
+    assert "drivers: ramdisk" in listing.stdout
+
+    run = subprocess.run([str(bindir / "python"), "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests"],
+                         cwd=checkout, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "12 passed, 2 skipped" in run.stdout
+    assert "ramdisk does not implement Discarder" in run.stdout
