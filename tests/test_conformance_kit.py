@@ -82,6 +82,14 @@ class TestMemdiskSectors(TestMemdisk):
         return {"size": size, "id": uuid.uuid4().hex, "block-size": 512}
 
 
+class TestMemdiskLimits(TestMemdisk):
+    """Small max-transfer and a discard granularity: core splits requests and drops unaligned discard edges."""
+
+    def make_options(self, tmp_path: Path, size: int) -> dict[str, Any]:
+        return {"size": size, "id": uuid.uuid4().hex, "block-size": 512, "max-transfer": "8k",
+                "discard-granularity": "64k"}
+
+
 class TestPassthroughFilter(FilterContract):
     driver = "testing-passthrough"
     extra_plugins = ((memdisk, "blockgraph-testing-memdisk"),)

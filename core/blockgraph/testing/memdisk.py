@@ -50,6 +50,9 @@ class MemOptions:
     size: int = opt(converter=parse_size, help="size of a new store (an existing id keeps its own)")
     id: str = opt("", converter=parse_str, help="store name; opening the same id again sees the same data")
     block_size: int = opt(1, key="block-size", converter=parse_int, help="request alignment, a power of two")
+    max_transfer: int = opt(0, key="max-transfer", converter=parse_size, help="largest request (0: no limit)")
+    discard_granularity: int = opt(0, key="discard-granularity", converter=parse_size,
+                                   help="discard alignment (0: none)")
 
 
 class MemDisk:
@@ -72,7 +75,8 @@ class MemDisk:
                               option="block-size")
         self.node, self.options = node, options
         self.store = self.attach_store(options)
-        node.set_limits(request_alignment=bs)
+        node.set_limits(request_alignment=bs, max_transfer=options.max_transfer,
+                        pdiscard_alignment=options.discard_granularity)
 
     @staticmethod
     def attach_store(options: MemOptions) -> Store:
@@ -96,22 +100,35 @@ class MemDisk:
     async def getlength(self) -> int:
         return len(self.data)
 
+    def check(self, offset: int, length: int, align: int, transfer: bool = True) -> None:
+        """What core promises (driver.py); a broken promise is a core bug, so say it loudly."""
+        lim = self.node.graph_node.limits
+        if offset % align or length % align or offset < 0 or offset + length > len(self.data):
+            raise AssertionError(f"core sent a request at {offset}+{length} (alignment {align}, "
+                                 f"length {len(self.data)})")
+        if transfer and lim.max_transfer and length > lim.max_transfer:
+            raise AssertionError(f"core sent {length} bytes, more than max_transfer {lim.max_transfer}")
+
     async def preadv(self, offset: int, buf: memoryview, flags: ReqFlags) -> None:
+        self.check(offset, len(buf), self.options.block_size)
         await asyncio.sleep(0)
         self.record("read", offset, len(buf))
         buf[:] = self.data[offset:offset + len(buf)]
 
     async def pwritev(self, offset: int, buf: memoryview, flags: ReqFlags) -> None:
+        self.check(offset, len(buf), self.options.block_size)
         await asyncio.sleep(0)
         self.record("write", offset, len(buf))
         self.data[offset:offset + len(buf)] = buf
 
     async def pwrite_zeroes(self, offset: int, length: int, flags: ReqFlags) -> None:
+        self.check(offset, length, self.options.block_size, transfer=False)
         await asyncio.sleep(0)
         self.record("zero", offset, length)
         self.data[offset:offset + length] = bytes(length)
 
     async def pdiscard(self, offset: int, length: int) -> None:
+        self.check(offset, length, max(self.options.discard_granularity, self.options.block_size), transfer=False)
         await asyncio.sleep(0)
         self.record("discard", offset, length)
         self.data[offset:offset + length] = bytes(length)
