@@ -95,7 +95,9 @@ class RamDriver:
         await self._enter("read", offset, len(buf))
         try:
             await self._yield()
-            buf[:] = self.data[offset:offset + len(buf)]
+            got = self.data[offset:offset + len(buf)]
+            buf[:len(got)] = got
+            buf[len(got):] = bytes(len(buf) - len(got))  # a last partial block past the end
             await self._yield()
         finally:
             self.in_flight -= 1

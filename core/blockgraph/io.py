@@ -40,6 +40,12 @@ def is_zero(buf: memoryview) -> bool:
     return True
 
 
+def _fill_zero(buf: memoryview) -> None:
+    for pos in range(0, len(buf), ZERO_CHUNK):
+        chunk = buf[pos:pos + ZERO_CHUNK]
+        chunk[:] = _ZERO_VIEW[:len(chunk)]
+
+
 def zero_view(length: int) -> memoryview:
     """A read-only view of ``length`` zero bytes (at most :data:`ZERO_CHUNK`)."""
     return _ZERO_VIEW[:length]
@@ -51,7 +57,7 @@ def zero_view(length: int) -> memoryview:
 class Tracked:
     """An in-flight request; serialising ones exclude every overlapping request."""
 
-    __slots__ = ("start", "end", "serialising", "waiting_for", "done")
+    __slots__ = ("done", "end", "serialising", "start", "waiting_for")
 
     def __init__(self, start: int, end: int, serialising: bool) -> None:
         self.start, self.end, self.serialising = start, end, serialising
@@ -128,29 +134,41 @@ async def preadv(node: Node, offset: int, buf: memoryview, flags: ReqFlags = Req
         return
     req = _begin(node, offset, offset + n)
     try:
-        align = node.limits.request_alignment
         if flags & COPY_ON_READ:
             await _copy_on_read(node, req, offset, buf, flags)
-        elif align > 1 and (offset % align or n % align):
-            if node.serialising:
-                await _wait_overlaps(node, req)
-            head = offset % align
-            start = offset - head
-            bounce = bytearray(_round_up(offset + n, align) - start)
-            await _read_aligned(node, start, memoryview(bounce), flags)
-            buf[:] = memoryview(bounce)[head:head + n]
         else:
             if node.serialising:
                 await _wait_overlaps(node, req)
-            await _read_aligned(node, offset, buf, flags)
+            await _read_padded(node, offset, buf, flags)
     finally:
         _end(node, req)
+
+
+async def _read_padded(node: Node, offset: int, buf: memoryview, flags: ReqFlags) -> None:
+    """Read any range: unaligned edges go through a bounce buffer widened to the request alignment."""
+    n = len(buf)
+    align = node.limits.request_alignment
+    if align > 1 and (offset % align or n % align):
+        head = offset % align
+        start = offset - head
+        bounce = memoryview(bytearray(_round_up(offset + n, align) - start))
+        await _read_aligned(node, start, bounce, flags)
+        buf[:] = bounce[head:head + n]
+    else:
+        await _read_aligned(node, offset, buf, flags)
 
 
 async def _read_aligned(node: Node, offset: int, buf: memoryview, flags: ReqFlags) -> None:
     drv, lock, mt = node.driver, node.lock, node.limits.max_transfer
     flags &= ~CORE_FLAGS
     n = len(buf)
+    if offset + n > node.length:
+        # Past the end reads as zeros; the driver sees at most the aligned remainder (bdrv_aligned_preadv).
+        keep = min(n, _round_up(max(node.length - offset, 0), node.limits.request_alignment))
+        _fill_zero(buf[keep:])
+        buf, n = buf[:keep], keep
+        if not n:
+            return
     if not mt or n <= mt:
         if lock is None:
             await drv.preadv(offset, buf, flags)
@@ -177,11 +195,16 @@ async def _copy_on_read(node: Node, req: Tracked, offset: int, buf: memoryview, 
     pos = start
     while pos < end:
         st = await block_status(node, pos, end - pos, want_zero=False)
-        length = max(min(st.length, end - pos), 1)
+        if st.length <= 0:  # end of the node: the rest reads as zeros
+            lo = max(pos, offset)
+            if offset + len(buf) > lo:
+                _fill_zero(buf[lo - offset:])
+            break
+        length = min(st.length, end - pos)
         lo, hi = max(pos, offset), min(pos + length, offset + len(buf))
         if st.flags & Status.ALLOCATED or not node.caps.write or node.read_only:
             if hi > lo:
-                await _read_aligned(node, lo, buf[lo - offset:hi - offset], flags)
+                await _read_padded(node, lo, buf[lo - offset:hi - offset], flags)
         else:
             bounce = memoryview(bytearray(length))
             await _read_aligned(node, pos, bounce, flags)
@@ -201,10 +224,23 @@ def _round_up(x: int, align: int) -> int:
     return (x + align - 1) // align * align
 
 
+def _check_writable(node: Node, offset: int, length: int) -> None:
+    if node.read_only:
+        raise BlockIOError(errno.EPERM, node=node.name, op="write", offset=offset, length=length,
+                           detail="Block node is read-only")
+
+
+def _grown(node: Node, end: int) -> None:
+    """A write past the end makes the node longer (bdrv_co_write_req_finish)."""
+    if end > node.length:
+        node.length = end
+
+
 async def pwritev(node: Node, offset: int, buf: memoryview, flags: ReqFlags = ReqFlags.NONE) -> None:
     n = len(buf)
     if not n:
         return
+    _check_writable(node, offset, n)
     if node.detect_zeroes != "off" and not flags & ZERO_WRITE and is_zero(buf):
         zflags = flags | ZERO_WRITE
         if node.detect_zeroes == "unmap":
@@ -220,6 +256,7 @@ async def pwritev(node: Node, offset: int, buf: memoryview, flags: ReqFlags = Re
             if node.serialising:
                 await _wait_overlaps(node, req)
             await _write_aligned(node, offset, buf, flags)
+        _grown(node, offset + n)
     finally:
         _end(node, req)
 
@@ -262,6 +299,7 @@ async def _write_aligned(node: Node, offset: int, buf: memoryview, flags: ReqFla
 async def pwrite_zeroes(node: Node, offset: int, length: int, flags: ReqFlags = ReqFlags.NONE) -> None:
     if length <= 0:
         return
+    _check_writable(node, offset, length)
     if not node.discard_unmap:
         flags &= ~MAY_UNMAP
     align = node.limits.request_alignment
@@ -284,6 +322,7 @@ async def pwrite_zeroes(node: Node, offset: int, length: int, flags: ReqFlags = 
         if node.serialising:
             await _wait_overlaps(node, req)
         await _zeroes_aligned(node, offset, length, flags)
+        _grown(node, offset + length)
     finally:
         _end(node, req)
 
@@ -297,6 +336,8 @@ async def _zero_bytes(node: Node, offset: int, length: int, flags: ReqFlags) -> 
 async def _zeroes_aligned(node: Node, offset: int, length: int, flags: ReqFlags) -> None:
     drv, lock, lim = node.driver, node.lock, node.limits
     if node.caps.zero:
+        emulate_fua = bool(flags & FUA) and not getattr(drv, "supported_zero_flags", ReqFlags.NONE) & FUA
+        dflags = flags & ~(CORE_FLAGS | FUA) if emulate_fua else flags & ~CORE_FLAGS
         zalign = max(lim.pwrite_zeroes_alignment, 1)
         zmax = lim.max_pwrite_zeroes or (1 << 62)
         zmax -= zmax % zalign
@@ -313,13 +354,13 @@ async def _zeroes_aligned(node: Node, offset: int, length: int, flags: ReqFlags)
                 else:
                     step = min(zmax, (end - pos) - (end - pos) % zalign)
                     if lock is None:
-                        await drv.pwrite_zeroes(pos, step, flags & ~CORE_FLAGS)
+                        await drv.pwrite_zeroes(pos, step, dflags)
                     else:
                         async with lock:
-                            await drv.pwrite_zeroes(pos, step, flags & ~CORE_FLAGS)
+                            await drv.pwrite_zeroes(pos, step, dflags)
                 pos += step
             node.write_gen += 1
-            if flags & FUA and not getattr(drv, "supported_zero_flags", ReqFlags.NONE) & FUA:
+            if emulate_fua:
                 await flush(node)
             return
         except NotSupported:
@@ -339,6 +380,7 @@ async def _zero_fallback(node: Node, offset: int, length: int, flags: ReqFlags) 
 
 async def pdiscard(node: Node, offset: int, length: int) -> None:
     """Deallocate; unaligned head and tail are dropped, as are discards the node ignores."""
+    _check_writable(node, offset, length)
     if not node.discard_unmap or not node.caps.discard:
         return
     lim = node.limits

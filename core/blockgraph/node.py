@@ -71,6 +71,10 @@ class Child:
             raise BlockIOError(EPERM, node=self.node.name, op="write", offset=offset, length=length,
                                detail="Block node is read-only" if self.node.read_only else
                                f"{describe_user(self.parent)} has not taken the write permission")
+        if offset + length > self.node.length and not self.perm & Perm.RESIZE:
+            raise BlockIOError(EPERM, node=self.node.name, op="write", offset=offset, length=length,
+                               detail=f"{describe_user(self.parent)} has not taken the resize permission "
+                                      f"needed to write past the end")
 
 
 def describe_user(user: Any) -> str:
