@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,11 @@ from blockgraph.testing import Harness, run_checks
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = Path(__file__).parent / "example_plugin"
+GUIDE = ROOT / "docs/plugin-authors.md"
+
+
+def guide_blocks(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", GUIDE.read_text(), flags=re.DOTALL)
 
 
 def _load(name: str, path: Path) -> ModuleType:
@@ -54,6 +60,12 @@ def test_entry_point_names_the_module() -> None:
     assert meta["project"]["name"] == "blockgraph-ramdisk"
     assert meta["project"]["entry-points"]["blockgraph"] == {"ramdisk": "blockgraph_ramdisk"}
     assert ramdisk_host().drivers["ramdisk"].target is ramdisk.RamdiskDriver
+
+
+@pytest.mark.parametrize(("path", "lang"), [("blockgraph_ramdisk.py", "python"), ("pyproject.toml", "toml"),
+                                           ("tests/test_contract.py", "python")])
+def test_the_guide_shows_the_example_as_it_is(path: str, lang: str) -> None:
+    assert (EXAMPLE / path).read_text() in guide_blocks(lang)
 
 
 def test_the_driver_stays_small() -> None:
@@ -109,3 +121,9 @@ def test_installed_example_passes_its_own_tests(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stdout + run.stderr
     assert "12 passed, 2 skipped" in run.stdout
     assert "ramdisk does not implement Discarder" in run.stdout
+
+    usage = next(b for b in guide_blocks("python") if "asyncio.run(main())" in b)
+    (tmp_path / "usage.py").write_text(usage)
+    used = subprocess.run([str(bindir / "python"), str(tmp_path / "usage.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert used.returncode == 0, used.stderr
