@@ -12,9 +12,9 @@ from typing import Any
 _LAZY = {
     "DriverContract": "blockgraph.testing.suite",
     "FilterContract": "blockgraph.testing.suite",
-    "Harness": "blockgraph.testing.contract",
-    "ContractViolation": "blockgraph.testing.contract",
-    "NotApplicable": "blockgraph.testing.contract",
+    "Harness": "blockgraph.testing.harness",
+    "ContractViolation": "blockgraph.testing.harness",
+    "NotApplicable": "blockgraph.testing.harness",
     "CHECKS": "blockgraph.testing.contract",
     "run_checks": "blockgraph.testing.contract",
 }

@@ -1,258 +1,51 @@
 """The driver contract: what every block driver must do, as plain ``async def check_*(harness)``.
 
 No pytest here (trio's ``check_*_stream`` rationale): the same checks back the pytest base
-classes in :mod:`blockgraph.testing.suite` and can run from a CLI self-test. A check returns
-quietly, raises :class:`ContractViolation` (an ``AssertionError``) saying what broke and where,
-or raises :class:`NotApplicable` naming the capability the driver does not implement.
-
-Every check opens the driver under test the way users do: a core :class:`~blockgraph.session.Session`,
-``open_node`` with an option tree, and a :class:`~blockgraph.backend.BlockBackend` on top, so the
-generic layer (bounds, alignment, fallbacks, permissions) is exercised too.
+classes in :mod:`blockgraph.testing.suite` and can run from a CLI self-test (:func:`run_checks`).
+A check returns quietly, raises :class:`ContractViolation` (an ``AssertionError``) saying what
+broke and where, or raises :class:`NotApplicable` naming the capability the driver does not
+implement. How the driver is opened is the :class:`~blockgraph.testing.harness.Harness`'s business.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import inspect
 import itertools
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import attrs
 
 from ..backend import BlockBackend
 from ..driver import SUPPORTED_API_VERSIONS, Capabilities, Concurrency, DriverKind, ReqFlags, Status
-from ..errors import BlockGraphError, BlockIOError, NotSupported, OptionError
-from ..node import Node, close_node
+from ..errors import NotSupported, OptionError
+from ..node import close_node
 from ..options import merge, option_fields, unflatten
-from ..plugins import PluginHost
 from ..session import Session
+from .harness import (
+    KIB,
+    ContractViolation,
+    Harness,
+    Model,
+    NotApplicable,
+    Opened,
+    assert_allowed,
+    assert_bytes,
+    call,
+    check_size,
+    clip,
+    expect_error,
+    fill,
+    model_of,
+    pattern,
+    read,
+    verify_all,
+)
 
-KIB = 1024
-MIN_SIZE = 256 * KIB
-NODE_NAME = "contract0"
-
-# Capability field of driver.Capabilities -> the protocol an author implements.
-PROTOCOLS = {"write": "Writable", "zero": "ZeroWriter", "discard": "Discarder",
-             "block_status": "BlockStatusReporter", "truncate": "Truncatable"}
-
-
-class ContractViolation(AssertionError):
-    """The driver broke its contract; the message says which rule, where and how."""
-
-
-class NotApplicable(Exception):
-    """The check needs a capability the driver does not implement (or declares absent)."""
-
-
-# ---------------------------------------------------------------- the harness
-
-
-@attrs.frozen
-class Opened:
-    """One open of the driver under test: its session, node and the BlockBackend on top."""
-
-    session: Session
-    node: Node
-    blk: BlockBackend
-
-
-@attrs.define
-class Harness:
-    """How to open the driver under test, and what it declares it guarantees.
-
-    ``options`` is the driver's option tree without ``driver`` (children included, e.g.
-    ``{"file": {"driver": "file", "filename": ...}}``), for an image of ``size`` bytes.
-    ``plugins`` builds the PluginHost of each session (default: installed plugins).
-    """
-
-    driver: str
-    options: dict[str, Any]
-    size: int = 1 << 20
-    plugins: Callable[[], PluginHost] | None = None
-    persistent: bool = False  # data survives close and open again
-    stores_data: bool = True  # False: writes vanish and every read returns zeros (null-co)
-    discard_reads_zero: bool = False  # True: discarded ranges read as zeros; False: zeros or old data
-    supports_truncate: bool | None = None  # None: whatever the class implements
-    concurrent_open: bool = True  # a read-only force-share open may run beside a writer
-    invalid_options: dict[str, Any] = attrs.Factory(dict)  # key -> bad value, each must be an OptionError
-    concurrent_requests: int = 64
-    seed: int = 0
-    child_store: str | None = None  # the testing-memdisk store under a filter (FilterContract)
-    _host: PluginHost | None = attrs.field(default=None, init=False, repr=False)
-
-    # ------------------------------------------------------------ plugins and capabilities
-
-    def new_host(self) -> PluginHost:
-        return self.plugins() if self.plugins is not None else PluginHost()
-
-    @property
-    def host(self) -> PluginHost:
-        if self._host is None:
-            self._host = self.new_host()
-        return self._host
-
-    @property
-    def driver_class(self) -> type:
-        return self.host.driver(self.driver)
-
-    @property
-    def caps(self) -> Capabilities:
-        return Capabilities.of(self.driver_class)
-
-    def require(self, cap: str) -> None:
-        """Raise NotApplicable unless the driver implements ``cap`` (and does not declare it away)."""
-        if not getattr(self.caps, cap):
-            raise NotApplicable(f"{self.driver} does not implement {PROTOCOLS.get(cap, cap)}")
-        if cap == "truncate" and self.supports_truncate is False:
-            raise NotApplicable(f"{self.driver} declares supports_truncate = False")
-
-    # ------------------------------------------------------------ opening
-
-    def tree(self, **extra: Any) -> dict[str, Any]:
-        return merge({"driver": self.driver, "node-name": NODE_NAME, **self.options}, extra)
-
-    @contextlib.asynccontextmanager
-    async def open(self, *, read_only: bool = False, force_share: bool = False,
-                   extra: dict[str, Any] | None = None) -> AsyncIterator[Opened]:
-        """Open the driver in a new session with a BlockBackend; everything is closed on exit."""
-        if not read_only and not self.caps.write:
-            read_only = True  # a driver without Writable is always opened read-only
-        session = Session(plugins=self.new_host())
-        try:
-            more: dict[str, Any] = dict(extra or {})
-            if read_only:
-                more["read-only"] = True
-            if force_share:
-                more["force-share"] = True
-            if not read_only:
-                more.setdefault("discard", "unmap")  # let discards reach the driver
-            try:
-                node = await session.open_node(self.tree(**more))
-                blk = await BlockBackend.attach_new(session, node, read_only=read_only, share_all=force_share)
-            except BlockGraphError as e:
-                raise ContractViolation(f"opening {self.driver} ({'read-only' if read_only else 'read-write'}) "
-                                        f"failed: {type(e).__name__}: {e}") from e
-            yield Opened(session, node, blk)
-        finally:
-            await session.close()
-
-    @contextlib.asynccontextmanager
-    async def open_writable(self) -> AsyncIterator[Opened]:
-        self.require("write")
-        async with self.open() as o:
-            yield o
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def pattern(tag: int, n: int) -> bytes:
-    """``n`` deterministic bytes, none of them zero (so "reads zeros" and "reads data" never agree)."""
-    return random.Random(tag).randbytes(n).replace(b"\0", b"\x5a")
-
-
-async def read(blk: BlockBackend, offset: int, n: int) -> bytes:
-    buf = bytearray(n)
-    await call(f"read at offset {offset}, {n} bytes", blk.preadv(offset, memoryview(buf)))
-    return bytes(buf)
-
-
-async def call(what: str, aw: Awaitable[Any]) -> Any:
-    """Await ``aw``; any failure becomes a ContractViolation that says what was being done."""
-    try:
-        return await aw
-    except (ContractViolation, NotApplicable):
-        raise
-    except Exception as e:
-        raise ContractViolation(f"{what} failed: {type(e).__name__}: {e}") from e
-
-
-async def expect_error(what: str, aw: Awaitable[Any], errnos: Sequence[int]) -> BlockIOError:
-    """``aw`` must fail with a BlockIOError carrying one of ``errnos``."""
-    names = "/".join(errno.errorcode[e] for e in errnos)
-    try:
-        await aw
-    except BlockIOError as e:
-        if e.errno not in errnos:
-            raise ContractViolation(f"{what}: expected {names}, got {errno.errorcode.get(e.errno, e.errno)}: "
-                                    f"{e}") from e
-        return e
-    except Exception as e:
-        raise ContractViolation(f"{what}: expected BlockIOError({names}), got {type(e).__name__}: {e}") from e
-    raise ContractViolation(f"{what}: expected BlockIOError({names}), but it succeeded")
-
-
-def assert_bytes(actual: bytes, expected: bytes, base: int, what: str) -> None:
-    if actual == expected:
-        return
-    if len(actual) != len(expected):
-        raise ContractViolation(f"{what}: got {len(actual)} bytes, expected {len(expected)}")
-    first = next(i for i in range(len(actual)) if actual[i] != expected[i])
-    bad = sum(1 for a, b in zip(actual, expected, strict=True) if a != b)
-    raise ContractViolation(
-        f"{what}: {bad} byte(s) differ, first at offset {base + first}: "
-        f"got {actual[first:first + 8].hex()}, expected {expected[first:first + 8].hex()}")
-
-
-def assert_allowed(actual: bytes, candidates: Sequence[bytes], base: int, what: str) -> None:
-    """Each byte of ``actual`` must equal the byte at the same place in one of ``candidates``."""
-    step = 4096
-    for pos in range(0, len(actual), step):
-        chunk = actual[pos:pos + step]
-        if any(chunk == c[pos:pos + step] for c in candidates):
-            continue
-        for i, byte in enumerate(chunk, pos):
-            if all(c[i] != byte for c in candidates):
-                raise ContractViolation(f"{what}: byte at offset {base + i} is {byte:#04x}, which no "
-                                        f"allowed outcome has ({', '.join(f'{c[i]:#04x}' for c in candidates)})")
-
-
-class Model:
-    """The serial model of the disk: what each byte must read as."""
-
-    def __init__(self, data: bytes, stores_data: bool) -> None:
-        self.data = bytearray(data)
-        self.stores = stores_data
-
-    def write(self, offset: int, data: bytes) -> None:
-        if self.stores:
-            self.data[offset:offset + len(data)] = data
-
-    def zero(self, offset: int, n: int) -> None:
-        self.data[offset:offset + n] = bytes(n)
-
-    def resize(self, n: int) -> None:
-        del self.data[n:]
-        self.data.extend(bytes(n - len(self.data)))
-
-    def __getitem__(self, s: slice) -> bytes:
-        return bytes(self.data[s])
-
-
-async def model_of(h: Harness, blk: BlockBackend) -> Model:
-    data = await read(blk, 0, blk.getlength())
-    if not h.stores_data:
-        assert_bytes(data, bytes(len(data)), 0, f"{h.driver} declares stores_data = False, so reads must be zeros")
-    return Model(data, h.stores_data)
-
-
-async def verify_all(h: Harness, blk: BlockBackend, model: Model, what: str) -> None:
-    assert_bytes(await read(blk, 0, blk.getlength()), bytes(model.data), 0, what)
-
-
-def _clip(plan: Sequence[tuple[int, int]], length: int) -> list[tuple[int, int]]:
-    return [(o, n) for o, n in plan if 0 <= o and n > 0 and o + n <= length]
-
-
-def _sized(h: Harness, length: int) -> None:
-    if length != h.size:
-        raise ContractViolation(f"getlength() is {length}, but the image was made with size {h.size}")
-    if length < MIN_SIZE:
-        raise ContractViolation(f"the conformance kit needs an image of at least {MIN_SIZE} bytes, got {length}")
+__all__ = ["CHECKS", "FILTER_CHECKS", "ContractViolation", "Harness", "NotApplicable", "Opened", "run_checks"]
 
 
 # ---------------------------------------------------------------- read-back
@@ -263,9 +56,9 @@ async def check_read_back_aligned(h: Harness) -> None:
     async with h.open_writable() as o:
         blk = o.blk
         length = blk.getlength()
-        _sized(h, length)
+        check_size(h, length)
         model = await model_of(h, blk)
-        plan = _clip([(0, 512), (4096, 4096), (65536, 65536), (length - 4096, 4096), (length // 2, 8192),
+        plan = clip([(0, 512), (4096, 4096), (65536, 65536), (length - 4096, 4096), (length // 2, 8192),
                       (0, 4096), (131072, 1024)], length)
         for i, (off, n) in enumerate(plan, 1):
             data = pattern(h.seed + i, n)
@@ -287,26 +80,19 @@ async def check_read_back_unaligned(h: Harness) -> None:
         blk = o.blk
         length = blk.getlength()
         model = await model_of(h, blk)
-        plan = _clip([(1, 1), (511, 2), (513, 1000), (4095, 4097), (777, 65536 + 333), (100, 3),
+        plan = clip([(1, 1), (511, 2), (513, 1000), (4095, 4097), (777, 65536 + 333), (100, 3),
                       (length - 1, 1), (length - 3001, 3000), (70001, 511), (70000, 1)], length)
         for i, (off, n) in enumerate(plan, 100):
             data = pattern(h.seed + i, n)
             await call(f"write at offset {off}, {n} bytes", blk.pwritev(off, memoryview(data)))
             model.write(off, data)
             assert_bytes(await read(blk, off, n), model[off:off + n], off, f"read-back of the write at {off}+{n}")
-        for off, n in _clip([(3, 7), (4090, 20), (length - 5, 5), (509, 1030), (1, 70000)], length):
+        for off, n in clip([(3, 7), (4090, 20), (length - 5, 5), (509, 1030), (1, 70000)], length):
             assert_bytes(await read(blk, off, n), model[off:off + n], off, f"unaligned read at {off}+{n}")
         await verify_all(h, blk, model, "whole-disk read after unaligned writes")
 
 
 # ---------------------------------------------------------------- zeroes and discard
-
-
-async def _fill(h: Harness, blk: BlockBackend, model: Model, ranges: Sequence[tuple[int, int]], tag: int) -> None:
-    for i, (off, n) in enumerate(_clip(ranges, blk.getlength())):
-        data = pattern(h.seed + tag + i, n)
-        await call(f"write at offset {off}, {n} bytes", blk.pwritev(off, memoryview(data)))
-        model.write(off, data)
 
 
 async def check_write_zeroes(h: Harness) -> None:
@@ -315,7 +101,7 @@ async def check_write_zeroes(h: Harness) -> None:
         blk = o.blk
         length = blk.getlength()
         model = await model_of(h, blk)
-        await _fill(h, blk, model, [(0, min(length, 512 * KIB)), (length - 8192, 8192)], 200)
+        await fill(h, blk, model, [(0, min(length, 512 * KIB)), (length - 8192, 8192)], 200)
         plan: list[tuple[int, int, ReqFlags]] = [
             (65536, 65536, ReqFlags.NONE), (1000, 3000, ReqFlags.NONE), (131072 + 7, 70000, ReqFlags.MAY_UNMAP),
             (300000, 4096, ReqFlags.FUA), (length - 4096, 4096, ReqFlags.MAY_UNMAP), (0, 1, ReqFlags.NONE),
@@ -346,11 +132,11 @@ async def check_discard(h: Harness) -> None:
         blk = o.blk
         length = blk.getlength()
         model = await model_of(h, blk)
-        await _fill(h, blk, model, [(0, min(length, 512 * KIB)), (length - 65536, 65536)], 300)
+        await fill(h, blk, model, [(0, min(length, 512 * KIB)), (length - 65536, 65536)], 300)
         lim = o.node.limits
         align = max(lim.pdiscard_alignment, lim.request_alignment, 1)
         inner: list[tuple[int, int]] = []
-        for off, n in _clip([(65536, 65536), (1000, 5000), (200003, 100000), (length - 65536, 65536)], length):
+        for off, n in clip([(65536, 65536), (1000, 5000), (200003, 100000), (length - 65536, 65536)], length):
             await call(f"discard at offset {off}, {n} bytes", blk.pdiscard(off, n))
             start, end = -(-off // align) * align, (off + n) // align * align
             if end > start:
@@ -373,7 +159,7 @@ async def check_discard(h: Harness) -> None:
             pos = max(pos, end)
         model.data[:] = actual
         # Discarded space is usable again.
-        await _fill(h, blk, model, [(65536, 65536), (200003, 5000)], 350)
+        await fill(h, blk, model, [(65536, 65536), (200003, 5000)], 350)
         await verify_all(h, blk, model, "whole-disk read after writing into discarded ranges")
 
 
@@ -413,7 +199,7 @@ async def check_block_status(h: Harness) -> None:
         length = blk.getlength()
         if h.caps.write:
             model = await model_of(h, blk)
-            await _fill(h, blk, model, [(0, 65536), (200005, 100000), (length - 4096, 4096)], 400)
+            await fill(h, blk, model, [(0, 65536), (200005, 100000), (length - 4096, 4096)], 400)
             await call("write-zeroes", blk.pwrite_zeroes(100 * KIB, 50 * KIB))
             if h.caps.discard:
                 await call("discard", blk.pdiscard(400 * KIB, 64 * KIB))
@@ -440,7 +226,7 @@ async def check_flush(h: Harness) -> None:
         blk = o.blk
         model = await model_of(h, blk)
         await call("flush of a clean disk", blk.flush())
-        await _fill(h, blk, model, [(4096, 8192), (100000, 3000)], 500)
+        await fill(h, blk, model, [(4096, 8192), (100000, 3000)], 500)
         await call("flush", blk.flush())
         await call("second flush", blk.flush())
         if peer_ok:
@@ -470,13 +256,13 @@ async def check_truncate(h: Harness) -> None:
         blk = o.blk
         length = blk.getlength()
         model = await model_of(h, blk)
-        await _fill(h, blk, model, [(length - 3 * step, 3 * step), (0, 4096)], 600)
+        await fill(h, blk, model, [(length - 3 * step, 3 * step), (0, 4096)], 600)
         await call(f"grow to {length + step}", blk.truncate(length + step))
         if blk.getlength() != length + step:
             raise ContractViolation(f"after truncate to {length + step}, getlength() is {blk.getlength()}")
         model.resize(length + step)
         await verify_all(h, blk, model, "after growing (old data kept, new space zeros)")
-        await _fill(h, blk, model, [(length + 100, 5000)], 650)
+        await fill(h, blk, model, [(length + 100, 5000)], 650)
         short = length - 2 * step
         await call(f"shrink to {short}", blk.truncate(short))
         if blk.getlength() != short:
@@ -517,7 +303,7 @@ async def check_out_of_range(h: Harness) -> None:
     async with h.open() as o:
         blk = o.blk
         length = blk.getlength()
-        _sized(h, length)
+        check_size(h, length)
         before = await read(blk, 0, length)
         bad = [(length, 1), (length - 1, 2), (length + 4096, 512), (-1, 1), (-512, 1024), (0, length + 1)]
         for off, n in bad:
@@ -538,7 +324,7 @@ async def check_read_only(h: Harness) -> None:
     """A read-only open refuses every modification with EPERM and writes nothing, not even on close."""
     if h.caps.write:
         async with h.open() as o:
-            await _fill(h, o.blk, Model(b"", False), [(0, 65536), (o.blk.getlength() - 512, 512)], 700)
+            await fill(h, o.blk, None, [(0, 65536), (o.blk.getlength() - 512, 512)], 700)
             expected = await read(o.blk, 0, o.blk.getlength())
     else:
         expected = None
@@ -567,7 +353,7 @@ async def check_read_only(h: Harness) -> None:
         async with h.open(read_only=True, force_share=True):
             async with h.open() as o:
                 model = await model_of(h, o.blk)
-                await _fill(h, o.blk, model, [(4096, 8192)], 750)
+                await fill(h, o.blk, model, [(4096, 8192)], 750)
                 await call("flush", o.blk.flush())
         async with h.open() as o:
             await verify_all(h, o.blk, model, "data written while a read-only opener was open, after that "
@@ -693,7 +479,7 @@ async def check_reopen(h: Harness) -> None:
         length = o.blk.getlength()
         if h.caps.write:
             model = await model_of(h, o.blk)
-            await _fill(h, o.blk, model, [(0, 4096), (123457, 7777), (length - 512, 512)], 900)
+            await fill(h, o.blk, model, [(0, 4096), (123457, 7777), (length - 512, 512)], 900)
         expected = await read(o.blk, 0, length)
     for attempt in range(2):
         async with h.open() as o:
@@ -712,7 +498,7 @@ async def check_close_idempotent(h: Harness) -> None:
     """Closing twice silently succeeds (trio's aclose rule), and the last user's close closes the whole tree."""
     async with h.open() as o:
         if h.caps.write:
-            await _fill(h, o.blk, Model(b"", False), [(0, 4096)], 950)
+            await fill(h, o.blk, None, [(0, 4096)], 950)
         drv = o.node.driver
         await call("closing the backend", o.blk.close())
         await call("closing the backend again", o.blk.close())
