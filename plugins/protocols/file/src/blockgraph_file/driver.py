@@ -316,10 +316,19 @@ class FileDriver:
         if not self.use_lock or self.fd < 0:
             return
         old = self._pending or (self.perm, self.shared)
+        union = (perm | old[0], shared & old[1])
+        if union == old:
+            return  # only giving things up: nothing to test (raw_handle_perm_lock, RAW_PL_PREPARE)
         # Lock the union first so nobody slips in between check and set (raw_check_perm).
-        locking.apply(self.fd, perm | old[0], shared & old[1], old[0], old[1])
-        self._pending = (perm | old[0], shared & old[1])
-        locking.check(self.fd, perm, shared, self.filename)
+        try:
+            locking.apply(self.fd, union[0], union[1], old[0], old[1])
+            self._pending = union
+            locking.check(self.fd, perm, shared, self.filename)
+        except BaseException:
+            # A refused check cleans up after itself: the caller aborts only what it checked.
+            locking.apply(self.fd, self.perm, self.shared, *union)  # only unlocks: safe after a partial apply
+            self._pending = None
+            raise
 
     def set_perm(self, perm: Perm, shared: Perm) -> None:
         if self.use_lock and self.fd >= 0:

@@ -44,15 +44,21 @@ def apply(fd: int, perm: int, shared: int, old_perm: int, old_shared: int) -> No
 
 
 def check(fd: int, perm: int, shared: int, filename: str) -> None:
-    """Refuse when another process unshares what we want, or uses what we unshare."""
+    """Refuse when another process unshares what we want, or uses what we unshare (raw_check_lock_bytes).
+
+    Every wanted permission is tested before any unshared one, and the texts are QEMU's, so that
+    tools print the same two lines as qemu-img and qemu-io.
+    """
     for bit in PERM_BITS:
-        idx = bit.bit_length() - 1
-        if perm & bit and held_by_other(fd, SHARED_BASE + idx):
-            raise ImageLocked(f"Failed to get \"{PERM_NAMES[bit]}\" lock on '{filename}'\n"
-                              "Is another process using the image [" + filename + "]?")
-        if not shared & bit and held_by_other(fd, PERM_BASE + idx):
-            raise ImageLocked(f"Failed to get shared \"{PERM_NAMES[bit]}\" lock on '{filename}'\n"
-                              "Is another process using the image [" + filename + "]?")
+        if perm & bit and held_by_other(fd, SHARED_BASE + bit.bit_length() - 1):
+            raise ImageLocked(f"Failed to get \"{PERM_NAMES[bit]}\" lock\n{_hint(filename)}")
+    for bit in PERM_BITS:
+        if not shared & bit and held_by_other(fd, PERM_BASE + bit.bit_length() - 1):
+            raise ImageLocked(f"Failed to get shared \"{PERM_NAMES[bit]}\" lock\n{_hint(filename)}")
+
+
+def _hint(filename: str) -> str:
+    return f"Is another process using the image [{filename}]?"
 
 
 def supported(fd: int) -> bool:
@@ -65,4 +71,4 @@ def supported(fd: int) -> bool:
         raise
 
 
-__all__ = ["apply", "check", "supported", "Perm"]
+__all__ = ["Perm", "apply", "check", "supported"]
