@@ -23,8 +23,15 @@ class Image:
 
     def __init__(self, filename: str, fmt: str | None = None, *, read_only: bool = False,
                  options: dict[str, Any] | None = None, force_share: bool = False) -> None:
-        self._runner = asyncio.Runner()
         self.session: Session | None = None
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise RuntimeError("blockgraph.open() cannot be called from a running event loop; "
+                               "use blockgraph.Session there")
+        self._runner = asyncio.Runner()
         self.blk: BlockBackend | None = None
         try:
             self.session = Session()
@@ -82,6 +89,6 @@ class Image:
         return self._runner.run(self.blk.block_status(offset, length))[0]
 
 
-def open(filename: str, fmt: str | None = None, **kw: Any) -> Image:  # noqa: A001 - mirrors builtins.open on purpose
+def open(filename: str, fmt: str | None = None, **kw: Any) -> Image:  # mirrors builtins.open on purpose
     """Open an image for synchronous use; see :class:`Image`."""
     return Image(filename, fmt, **kw)
