@@ -458,3 +458,15 @@ def test_copy_on_read_at_the_end_of_an_unaligned_node(tsession: Any, run: Any) -
     assert buf == b"\x61" * 300
     assert all(c[1] + c[2] <= 6144 for c in top.driver.calls if c[0] in ("read", "write"))
     assert base.driver.calls[-1][1] + base.driver.calls[-1][2] <= 6000
+
+
+def test_concurrent_drains_all_return(ram: Any, run: Any) -> None:
+    node = ram(size=65536, yields=10)
+
+    async def go() -> None:
+        writes = [asyncio.ensure_future(io.pwritev(node, i * 512, memoryview(b"c" * 512))) for i in range(4)]
+        await asyncio.sleep(0)
+        await asyncio.wait_for(asyncio.gather(io.drain(node), io.drain(node), io.drain(node)), timeout=30)
+        assert all(w.done() for w in writes) and node.in_flight == 0
+
+    run(go())

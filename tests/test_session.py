@@ -185,3 +185,14 @@ def test_close_flushes_and_closes_everything_and_calls_the_hooks(bg_runner: Any)
     assert sorted(e for e in rec.events if e[0] == "added") == [("added", "f"), ("added", "spare"), ("added", "t")]
     assert sorted(e for e in rec.events if e[0] == "removed") == [("removed", "f"), ("removed", "spare"),
                                                                   ("removed", "t")]
+
+
+def test_file_open_failing_after_the_open_call_keeps_no_descriptor(bg_session: Any, bg_runner: Any,
+                                                                   bg_tmp_image: Any, monkeypatch: Any) -> None:
+    from blockgraph_file import locking
+
+    path = bg_tmp_image(size=4096)
+    monkeypatch.setattr(locking, "supported", lambda fd: False)
+    with pytest.raises(OpenError, match="locking=on but the file system does not support OFD locks"):
+        bg_runner.run(bg_session.open_node({"driver": "file", "filename": str(path), "locking": "on"}))
+    assert open_fds_to(path) == [] and bg_session.nodes == {}

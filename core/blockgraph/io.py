@@ -118,9 +118,9 @@ def _mark_serialising(node: Node, req: Tracked, start: int, end: int) -> None:
 async def drain(node: Node) -> None:
     """Wait until no request is in flight on ``node`` or below it."""
     while node.in_flight:
-        node.drained = asyncio.Event()
+        if node.drained is None or node.drained.is_set():
+            node.drained = asyncio.Event()  # shared by every drainer of this node
         await node.drained.wait()
-    node.drained = None
     for c in list(node.children.values()):
         await drain(c.node)
 

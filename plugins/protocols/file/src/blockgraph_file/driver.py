@@ -93,6 +93,14 @@ class FileDriver:
         if stat.S_ISDIR(st.st_mode):
             os.close(self.fd)
             raise OpenError(f"Could not open '{self.filename}': Is a directory")
+        try:
+            self._setup(node, options)
+        except BaseException:
+            fd, self.fd = self.fd, -1
+            os.close(fd)  # a failed open keeps nothing (core does not call close() then)
+            raise
+
+    def _setup(self, node: Any, options: FileOptions) -> None:
         self.use_lock = options.locking == "on" or (options.locking == "auto" and locking.supported(self.fd))
         if options.locking == "on" and not locking.supported(self.fd):
             raise OpenError(f"'{self.filename}': locking=on but the file system does not support OFD locks")
