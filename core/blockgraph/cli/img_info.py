@@ -1,0 +1,197 @@
+"""``img info``: qemu-img's ImageInfo, human or JSON, for an image or its whole backing chain.
+
+Generic over drivers: a driver's optional ``info()`` (plain or async) returns a
+dict. Keys that are ImageInfo fields (``cluster-size``, ``dirty-flag``,
+``encrypted``, ``backing-filename``, ``full-backing-filename``,
+``backing-filename-format``, ``snapshots``, ``compressed``) go to the top
+level; everything else is the "format-specific" data, typed with the driver's
+name. As in qemu-img the image is opened without taking any permission, so
+info works on images other processes are using.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from typing import TYPE_CHECKING, Any
+
+from .img_opts import Getopt, ImgExit, expect, one_of_output
+from .img_qjson import dump_human, dumps
+from .img_util import allocated_size, open_node, run, size_to_str
+
+if TYPE_CHECKING:
+    from ..node import Node
+    from ..plugins import PluginHost
+    from ..session import Session
+
+TOP_LEVEL = ("cluster-size", "encrypted", "compressed", "dirty-flag", "backing-filename",
+             "full-backing-filename", "backing-filename-format", "snapshots")
+SIMPLE_KEYS = {"driver", "file", "filename", "read-only", "force-share", "cache", "discard", "detect-zeroes"}
+
+
+def display_name(given: str, image_opts: bool) -> str:
+    """The name qemu prints: the filename as given, or a ``json:`` rendering of non-trivial options."""
+    import json
+
+    if not image_opts and not given.startswith("json:"):
+        return given
+    from .img_util import image_opts_filename
+
+    tree = json.loads((image_opts_filename(given) if image_opts else given)[5:])
+    plain = _plain_filename(tree)
+    return plain if plain is not None else "json:" + dumps(tree, pretty=False)
+
+
+def _plain_filename(tree: dict[str, Any]) -> str | None:
+    if not set(tree) <= SIMPLE_KEYS:
+        return None
+    file = tree.get("file")
+    if isinstance(file, dict):
+        if set(file) <= {"driver", "filename"} and file.get("driver", "file") == "file" and "filename" in file:
+            return str(file["filename"])
+        return None
+    if isinstance(file, str):
+        return None
+    if "filename" in tree and tree.get("driver", "file") in ("file", "raw"):
+        return str(tree["filename"])
+    return None
+
+
+def _has_info(node: Node | None) -> bool:
+    depth = 0
+    while node is not None and depth < 64:
+        if callable(getattr(node.driver, "info", None)):
+            return True
+        child = node.file or node.filtered
+        node = child.node if child is not None else None
+        depth += 1
+    return False
+
+
+async def driver_info(node: Node) -> dict[str, Any]:
+    fn = getattr(node.driver, "info", None)
+    if not callable(fn):
+        return {}
+    result = fn()
+    if inspect.isawaitable(result):
+        result = await result
+    return dict(result or {})
+
+
+async def image_info(node: Node, filename: str) -> dict[str, Any]:
+    """ImageInfo for one node, keys inserted in QAPI order (QEMU's JSON order depends on it)."""
+    extra = await driver_info(node)
+    info: dict[str, Any] = {"filename": filename, "format": node.driver_name}
+    if _has_info(node):
+        info["dirty-flag"] = bool(extra.get("dirty-flag", False))
+    actual = allocated_size(node)
+    if actual is not None:
+        info["actual-size"] = actual
+    info["virtual-size"] = node.length
+    cluster = extra.get("cluster-size", getattr(node.driver, "cluster_size", None))
+    if isinstance(cluster, int) and cluster > 0:
+        info["cluster-size"] = cluster
+    for key in ("encrypted", "compressed"):
+        if extra.get(key):
+            info[key] = True
+    for key in ("backing-filename", "full-backing-filename", "backing-filename-format", "snapshots"):
+        if extra.get(key) is not None:
+            info[key] = extra[key]
+    if "backing-filename" not in info and node.cow_child() is not None:
+        backing = node.cow_child().node
+        info["backing-filename"] = info["full-backing-filename"] = backing.filename
+        info["backing-filename-format"] = backing.driver_name
+    specific = extra.get("format-specific")
+    if not isinstance(specific, dict):
+        data = {k: v for k, v in extra.items() if k not in TOP_LEVEL and k != "format-specific"}
+        specific = {"type": node.driver_name, "data": data} if data else None
+    if specific:
+        info["format-specific"] = specific
+    return info
+
+
+def human(info: dict[str, Any]) -> list[str]:
+    actual = info.get("actual-size")
+    lines = [f"image: {info['filename']}", f"file format: {info['format']}",
+             f"virtual size: {size_to_str(info['virtual-size'])} ({info['virtual-size']} bytes)",
+             f"disk size: {size_to_str(actual) if actual is not None else 'unavailable'}"]
+    if info.get("encrypted"):
+        lines.append("encrypted: yes")
+    if "cluster-size" in info:
+        lines.append(f"cluster_size: {info['cluster-size']}")
+    if info.get("dirty-flag"):
+        lines.append("cleanly shut down: no")
+    if info.get("backing-filename"):
+        line = f"backing file: {info['backing-filename']}"
+        full = info.get("full-backing-filename")
+        if not full:
+            line += " (cannot determine actual path)"
+        elif full != info["backing-filename"]:
+            line += f" (actual path: {full})"
+        lines.append(line)
+        if info.get("backing-filename-format"):
+            lines.append(f"backing file format: {info['backing-filename-format']}")
+    if info.get("snapshots"):
+        lines += snapshot_lines(info["snapshots"])
+    specific = info.get("format-specific")
+    if specific and specific.get("data"):
+        lines.append("Format specific information:")
+        lines += dump_human(specific["data"], 1)
+    return lines
+
+
+def snapshot_lines(snapshots: list[dict[str, Any]]) -> list[str]:
+    import time
+
+    out = ["Snapshot list:", f"{'ID':<7} {'TAG':<16} {'VM_SIZE':>8} {'DATE':>19} {'VM_CLOCK':>15} {'ICOUNT':>10}"]
+    for sn in snapshots:
+        secs = int(sn.get("vm-clock-sec", 0))
+        clock = (f"{secs // 3600:04d}:{secs // 60 % 60:02d}:{secs % 60:02d}."
+                 f"{int(sn.get('vm-clock-nsec', 0)) // 1000000 % 1000:03d}")
+        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(int(sn.get("date-sec", 0))))
+        icount = str(sn["icount"]) if sn.get("icount") is not None else "--"
+        out.append(f"{sn.get('id', ''):<7} {sn.get('name', ''):<16} "
+                   f"{size_to_str(int(sn.get('vm-state-size', 0))):>8} {date:>19} {clock:>15} {icount:>10}")
+    return out
+
+
+def main(argv: list[str], host: PluginHost) -> int:
+    return run(host, lambda session: _main(session, argv))
+
+
+async def _main(session: Session, argv: list[str]) -> int:
+    opts, rest = Getopt("f:hU", {"format": (True, "f"), "output": (True, "output"),
+                                 "backing-chain": (False, "backing-chain"), "object": (True, "object"),
+                                 "image-opts": (False, "image-opts"), "force-share": (False, "U")}).parse(argv)
+    fmt = output = None
+    chain = image_opts = force_share = False
+    for key, value in opts:
+        if key == "f":
+            fmt = value
+        elif key == "U":
+            force_share = True
+        elif key == "output":
+            output = value
+        elif key == "backing-chain":
+            chain = True
+        elif key == "image-opts":
+            image_opts = True
+        elif key == "object":
+            raise ImgExit("--object is not supported by blockgraph img")
+    expect(rest, 1, "Expecting one image file name")
+    output = one_of_output(output)
+    filename = rest[0]
+    node = await open_node(session, filename, fmt=fmt, image_opts=image_opts, read_only=True,
+                           force_share=force_share)
+    infos = [await image_info(node, display_name(filename, image_opts))]
+    seen = {id(node)}
+    cur = node.cow_child().node if chain and node.cow_child() is not None else None
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        infos.append(await image_info(cur, cur.filename))
+        cur = cur.cow_child().node if cur.cow_child() is not None else None
+    if output == "json":
+        sys.stdout.write(dumps(infos if chain else infos[0]) + "\n")
+    else:
+        sys.stdout.write("\n\n".join("\n".join(human(i)) for i in infos) + "\n")
+    return 0
