@@ -173,11 +173,60 @@ class Node:
     def configure_io(self) -> None:
         """Cache what the generic layer reads per request."""
         drv_cls = type(self.driver)
-        self.caps = Capabilities.of(drv_cls)
+        if self.kind is DriverKind.FILTER:
+            _install_forwarding(self)
+        self.caps = Capabilities.of(self.driver)
         if getattr(drv_cls, "concurrency", Concurrency.SERIALIZE_REQUESTS) is Concurrency.SERIALIZE_REQUESTS:
             self.lock = asyncio.Lock()
         if not self.caps.write:
             self.read_only = True
+
+
+def _install_forwarding(node: Node) -> None:
+    """Give a filter every data method it lacks, forwarded to its filtered child.
+
+    Filters may not change data (that is what makes them a filter), so passing
+    an operation through unchanged is always correct, including operations
+    added to the API after the filter was written. Block status is recursed by
+    the generic layer itself.
+    """
+    drv = node.driver
+
+    def child() -> Child:
+        c = node.filtered
+        if c is None:
+            raise OpenError(f"filter node '{node.name}' has no filtered child")
+        return c
+
+    async def preadv(offset: int, buf: memoryview, flags: ReqFlags) -> None:
+        await child().preadv(offset, buf, flags)
+
+    async def pwritev(offset: int, buf: memoryview, flags: ReqFlags) -> None:
+        await child().pwritev(offset, buf, flags)
+
+    async def pwrite_zeroes(offset: int, length: int, flags: ReqFlags) -> None:
+        await child().pwrite_zeroes(offset, length, flags)
+
+    async def pdiscard(offset: int, length: int) -> None:
+        await child().pdiscard(offset, length)
+
+    async def flush() -> None:
+        """The generic layer flushes the child next."""
+
+    async def truncate(length: int, exact: bool, prealloc: PreallocMode) -> None:
+        await child().truncate(length, exact, prealloc)
+
+    async def getlength() -> int:
+        return child().node.length
+
+    forwarders = {"preadv": preadv, "pwritev": pwritev, "pwrite_zeroes": pwrite_zeroes, "pdiscard": pdiscard,
+                  "flush": flush, "truncate": truncate, "getlength": getlength}
+    for name, fn in forwarders.items():
+        if not callable(getattr(drv, name, None)):
+            setattr(drv, name, fn)
+    if not hasattr(type(drv), "supported_write_flags"):
+        drv.supported_write_flags = ReqFlags.FUA  # the child emulates what it lacks
+        drv.supported_zero_flags = ReqFlags.FUA | ReqFlags.MAY_UNMAP | ReqFlags.NO_FALLBACK
 
 
 # ---------------------------------------------------------------- permission transactions
