@@ -73,6 +73,7 @@ def test_missing_driver_names_its_distribution(venv_bin: Path, tmp_path: Path, f
     out = _run(venv_bin, "blockgraph", "img", "info", "-f", fmt, "disk.img", cwd=tmp_path)
     assert out.returncode != 0
     assert f"driver '{fmt}' is provided by {dist}, which is not installed" in out.stderr, out.stderr
-    script = f"import blockgraph\ntry:\n    blockgraph.open('disk.img', '{fmt}')\nexcept Exception as e:\n    print(e)\n"
+    script = (f"import blockgraph\ntry:\n    blockgraph.open('disk.img', '{fmt}')\n"
+              "except Exception as e:\n    print(e)\n")
     py = _run(venv_bin, "python", "-c", script, cwd=tmp_path)
     assert f"provided by {dist}" in py.stdout, py.stdout + py.stderr

@@ -39,7 +39,7 @@ def _structlog() -> Any:
 class Logger:
     """A structlog-compatible bound logger that defers importing structlog."""
 
-    __slots__ = ("_name", "_ctx")
+    __slots__ = ("_ctx", "_name")
 
     def __init__(self, name: str, ctx: dict[str, Any] | None = None) -> None:
         self._name, self._ctx = name, ctx or {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..driver import Capabilities
+from ..driver import Capabilities, Concurrency
 from ..errors import BlockGraphError
 from ..plugins import PluginHost
 
@@ -51,7 +51,8 @@ def _dump(host: PluginHost, name: str) -> int:
     print(f"dist={entry.dist}")
     print(f"kind={cls.kind.value}")
     print(f"api_version={cls.api_version}")
-    print(f"concurrency={getattr(cls, 'concurrency', None) and cls.concurrency.value or 'serialize_requests'}")
+    concurrency = getattr(cls, "concurrency", Concurrency.SERIALIZE_REQUESTS)
+    print(f"concurrency={concurrency.value}")
     for line in Capabilities.of(cls).lines():
         print(line)
     return 0
