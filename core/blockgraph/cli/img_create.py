@@ -101,6 +101,26 @@ class BlockGraphErrorText(Exception):
     """A message for ``qemu-img: FILE: message``."""
 
 
+async def create_target(session: Session, filename: str, fmt_cls: type, fmt: str, options: str | None,
+                        size: int) -> None:
+    """Create an output image (convert, dd): ``-o`` options plus the size, no ``Formatting`` line.
+
+    Raises BlockGraphErrorText with the reason; the caller words the error.
+    """
+    from ..errors import BlockGraphError
+
+    if not callable(getattr(fmt_cls, "create", None)) or getattr(fmt_cls, "CreateOptions", None) is None:
+        raise ImgExit(f"Format driver '{fmt}' does not support image creation")
+    values = parse_create_options(fmt_cls, fmt, options)
+    values.pop("size", None)
+    values["size"] = size
+    opts = build_options(fmt_cls, values)
+    try:
+        await create_image(session, fmt_cls, filename, opts)
+    except BlockGraphError as e:
+        raise BlockGraphErrorText(str(e)) from None
+
+
 def formatting_line(filename: str, fmt: str, fmt_cls: type, values: dict[str, Any]) -> str:
     """``Formatting 'F', fmt=raw size=N ...``: options in the driver's declaration order."""
     parts = [f"Formatting '{filename}', fmt={fmt}"]

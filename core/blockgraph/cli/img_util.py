@@ -16,7 +16,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BlockGraphError, DriverNotFound, ImageLocked, OpenError
+from ..errors import BlockGraphError, DriverNotFound, ImageLocked
 from .img_opts import PROG, ImgExit
 
 if TYPE_CHECKING:
@@ -168,10 +168,7 @@ def protocol_class(session: Session, filename: str, *, prefix: str = "") -> type
 
 async def create_image(session: Session, fmt_cls: type, filename: str, options: Any) -> None:
     """Create an image through the driver's ``create`` classmethod, in its own open/close."""
-    try:
-        await fmt_cls.create(session, filename, options)
-    except OpenError as e:
-        raise BlockGraphError(str(e)) from None
+    await fmt_cls.create(session, filename, options)
 
 
 def allocated_size(node: Node) -> int | None:
