@@ -383,13 +383,13 @@ async def aio_write_cmd(st: IoState, typed: str, args: list[str]) -> bool:
             pattern = parse_pattern(value)
     if len(operands) < 2:
         raise CmdError(usage(SPECS["aio_write"]))
+    if "i" in flags:
+        out("injecting invalid write request")
+        return True
     if "z" in flags and len(operands) != 2:
         raise CmdError("-z supports only a single length parameter")
     if rflags & ReqFlags.MAY_UNMAP and "z" not in flags:
         raise CmdError("-u requires -z to be specified")
-    if "i" in flags:
-        out("injecting invalid write request")
-        return True
     offset = num(operands[0])
     if "z" in flags:
         count, buf = num(operands[1]), None

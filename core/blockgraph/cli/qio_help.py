@@ -58,7 +58,7 @@ def lookup(word: str) -> CommandSpec | None:
 def oneline(typed: str, spec: CommandSpec) -> str:
     """``read [-abCqv] ... off len -- reads a number of bytes ...``, under the name the user typed."""
     args, summary, _ = HELP[spec.name]
-    return f"{typed} {args} -- {summary}"
+    return f"{typed} {args} -- {summary}" if args is not None else f"{typed} -- {summary}"
 
 
 def usage(spec: CommandSpec) -> str:
@@ -70,10 +70,10 @@ def long_help(spec: CommandSpec) -> str:
 
 
 # (arguments, one-line summary, extended help) as qemu-io 7.2 prints them.
-HELP: dict[str, tuple[str, str, str]] = {
-    'abort': ('', 'simulate a program crash using abort(3)',
+HELP: dict[str, tuple[str | None, str, str]] = {
+    'abort': (None, 'simulate a program crash using abort(3)',
         ''),
-    'aio_flush': ('', 'completes all outstanding aio requests',
+    'aio_flush': (None, 'completes all outstanding aio requests',
         ''),
     'aio_read': ('[-Ciqv] [-P pattern] off len [len..]', 'asynchronously reads a number of bytes',
         '\n'
@@ -122,7 +122,7 @@ HELP: dict[str, tuple[str, str, str]] = {
         ''),
     'break': ('event tag', 'sets a breakpoint on event and tags the stopped request as tag',
         ''),
-    'close': ('', 'close the current open file',
+    'close': (None, 'close the current open file',
         ''),
     'discard': ('[-Cq] off len', 'discards a number of bytes at a specified offset',
         '\n'
@@ -135,13 +135,13 @@ HELP: dict[str, tuple[str, str, str]] = {
         ' -C, -- report statistics in a machine parsable format\n'
         ' -q, -- quiet mode, do not show I/O statistics\n'
         '\n'),
-    'flush': ('', 'flush all in-core file state to disk',
+    'flush': (None, 'flush all in-core file state to disk',
         ''),
     'help': ('[command]', 'help for one or all commands',
         ''),
-    'info': ('', 'prints information about the current file',
+    'info': (None, 'prints information about the current file',
         ''),
-    'length': ('', 'gets the length of the current file',
+    'length': (None, 'gets the length of the current file',
         ''),
     'map': ('', 'prints the allocated areas of a file',
         ''),
@@ -163,7 +163,7 @@ HELP: dict[str, tuple[str, str, str]] = {
         ' -t, -- use the given cache mode for the image\n'
         ' -d, -- use the given discard mode for the image\n'
         ' -o, -- options to be given to the block driver\n'),
-    'quit': ('', 'exit the program',
+    'quit': (None, 'exit the program',
         ''),
     'read': ('[-abCqv] [-P pattern [-s off] [-l len]] off len', 'reads a number of bytes at a specified offset',
         '\n'
@@ -224,7 +224,7 @@ HELP: dict[str, tuple[str, str, str]] = {
         ' Invokes raise(signal), where "signal" is the mandatory integer argument\n'
         ' given to sigraise.\n'
         '\n'),
-    'sleep': ('', 'waits for the given value in milliseconds',
+    'sleep': (None, 'waits for the given value in milliseconds',
         ''),
     'truncate': ('[-m prealloc_mode] off', 'truncates the current file at the given offset',
         ''),

@@ -182,7 +182,7 @@ async def truncate_cmd(st: IoState, typed: str, args: list[str]) -> bool:
         except ValueError:
             error_report(f"Invalid preallocation mode '{value}'")
             return False
-    if len(operands) != 1:
+    if not operands:  # words after the size are ignored, as qemu-io does
         raise CmdError(usage(SPECS["truncate"]))
     length = num(operands[0])
     try:

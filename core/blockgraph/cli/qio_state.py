@@ -163,6 +163,8 @@ class IoState:
         if flags.snapshot:
             self.session.registry.driver("qcow2")  # says which distribution to install when it is missing
             raise BlockGraphError("-s (snapshot=on, a temporary qcow2 overlay) is not supported by blockgraph io")
+        if flags.copy_on_read and flags.read_only:
+            raise OptionError("Can't use copy-on-read on read-only device")
         cache = parse_cache_mode(flags.cache)
         fmt = options.pop("driver", None)
         if name is None:
@@ -172,6 +174,9 @@ class IoState:
             filename = name
             if flags.aio != "threads":
                 options = self._with_aio(filename, fmt, options, flags.aio)
+                if flags.aio == "native" and not cache["cache_direct"] and options.get("file", options).get("aio"):
+                    raise OptionError("aio=native was specified, but it requires cache.direct=on, "
+                                      "which was not specified.")
         return await self.session.open_backend(
             filename, fmt=fmt, read_only=flags.read_only, force_share=flags.force_share, share_all=True,
             write_cache=cache["write_cache"], cache_direct=cache["cache_direct"], no_flush=cache["no_flush"],
