@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -267,3 +268,33 @@ def test_written_by_one_read_by_other(writer: str, tmp_path: Path, capsys: Any, 
     assert "Pattern verification failed" not in o
     assert rc == 0, o + e
     assert o.count("read ") == len(VERIFY) - 1  # every read reported
+
+
+def test_locked_image_both_refuse(pair: tuple[Path, Path], capsys: Any, monkeypatch: Any) -> None:
+    """An image another process holds (using write, sharing neither write nor resize, as qemu-img does):
+    both tools refuse to open it read-write with the same first line, and both read it with -r or -U -r.
+    blockgraph adds a line that names -U."""
+    code = ("import fcntl, os, struct, sys\n"
+            "fds = [os.open(p, os.O_RDWR) for p in sys.argv[1:]]\n"
+            "for fd in fds:\n"
+            "    for b in (100, 101, 201, 203):\n"
+            "        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack('hhqqi4x', fcntl.F_RDLCK, 0, b, 1, 0))\n"
+            "print('locked', flush=True)\n"
+            "sys.stdin.read()\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(pair[0] / IMAGE), str(pair[1] / IMAGE)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        args = ["-f", "raw", "-c", "read -P 0x5a 64k 1", IMAGE]
+        q = run_qemu(args, pair[0])
+        b = run_bg(args, pair[1], capsys, monkeypatch)
+        assert q[0] == b[0] == 1 and q[1] == b[1] == ""
+        first = "qemu-io: can't open device disk.img: Failed to get \"write\" lock"
+        assert q[2].startswith(first) and b[2].startswith(first)
+        assert "Is another process using the image [disk.img]?" in q[2] and "Is another process" in b[2]
+        assert "-U" in b[2].splitlines()[-1]
+        for extra in (["-r"], ["-r", "-U"]):
+            compare(pair, [*extra, *args], capsys, monkeypatch)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=10)

@@ -10,6 +10,7 @@ are qemu-io's, so scripts written for qemu-io work unchanged.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from typing import Any
 
@@ -214,14 +215,50 @@ async def run_command(st: IoState, line: str) -> None:
 
 async def repl(st: IoState) -> None:
     """Read commands from standard input; aio completions print while it waits for the next line."""
-    loop = asyncio.get_running_loop()
+    lines = StdinLines()
     while not st.quit:
         sys.stdout.write(PROMPT)
         sys.stdout.flush()
-        line = await loop.run_in_executor(None, sys.stdin.readline)
+        line = await lines.readline()
         if not line:
             break
         await run_command(st, line)
+
+
+class StdinLines:
+    """Lines of standard input, read without blocking the loop (so aio requests complete and Ctrl-C works
+    while waiting) and without a thread (which would keep the process alive until the user pressed Enter)."""
+
+    def __init__(self) -> None:
+        self.pending = b""
+        self.eof = False
+
+    async def readline(self) -> str:
+        stdin = sys.stdin
+        try:
+            fd = stdin.fileno()
+        except (AttributeError, OSError, ValueError):  # an in-memory stream (tests): reading never blocks
+            return stdin.readline() if stdin is not None else ""
+        while b"\n" not in self.pending and not self.eof:
+            await _readable(fd)
+            chunk = os.read(fd, 65536)
+            self.pending += chunk
+            self.eof = not chunk
+        line, sep, self.pending = self.pending.partition(b"\n")
+        return (line + sep).decode(errors="replace")
+
+
+async def _readable(fd: int) -> None:
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    try:
+        loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+    except (OSError, ValueError):  # a regular file: always readable, and epoll refuses it
+        return
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
 
 
 async def run(inv: Invocation, host: PluginHost) -> int:
