@@ -762,3 +762,11 @@ def test_strerror_of_core_errors() -> None:
     assert strerror(BlockIOError(errno.EIO)) == "Input/output error"
     assert strerror(BlockIOError(errno.EPERM, detail="Operation not permitted")) == "Operation not permitted"
     assert strerror(NotSupported("x")) == "Operation not supported"
+
+
+def test_aio_engines_fall_back_to_threads(img: Path, capsys: Any) -> None:
+    """-i native / io_uring work whether or not a plugin provides the engine (a warning says when it doesn't)."""
+    for flags in (["-n", "-i", "native"], ["-i", "io_uring"], ["-n", "-k"], ["--aio=threads"]):
+        rc, o, e = run(["-f", "raw", *flags, "-c", "read -q -P 0x5a 64k 1", "disk.img"], capsys)
+        assert rc == 0 and o == "", flags
+        assert e == "" or e.endswith("; using aio=threads\n"), flags

@@ -189,6 +189,7 @@ OPTION_CASES: dict[str, list[str]] = {
     "discard-ignore": ["-f", "raw", "-d", "ignore", *cmds("discard 64k 64k", "read -P 0x5a 64k 64k"), IMAGE],
     "probed-raw": [*cmds("write -P 0x51 0 512", "read -P 0x51 0 512", "info"), IMAGE],
     "image-opts": ["--image-opts", *cmds("read -P 0x5a 64k 1", "info", "map"), f"driver=raw,file.filename={IMAGE}"],
+    "image-opts-probed": ["--image-opts", *cmds("read -P 0x5a 64k 1", "info"), f"file.filename={IMAGE}"],
     "image-opts-file": ["--image-opts", *cmds("info", "write -P 3 0 3", "read -P 3 0 3"),
                         f"driver=file,filename={IMAGE}"],
     "json-filename": [*cmds("read -P 0xa5 1M 1", "info"),

@@ -167,23 +167,40 @@ class IoState:
             raise OptionError("Can't use copy-on-read on read-only device")
         cache = parse_cache_mode(flags.cache)
         fmt = options.pop("driver", None)
+        if name is None and fmt is None:
+            # No driver: the format is probed on the file the options name (as QEMU does), and the
+            # probing warning names that file.
+            file_opts = options.get("file")
+            if isinstance(options.get("filename"), str):
+                name = options.pop("filename")
+            elif isinstance(file_opts, dict) and isinstance(file_opts.get("filename"), str):
+                name = file_opts["filename"]
         if name is None:
             filename = "json:" + json.dumps({**options, **({"driver": fmt} if fmt else {})})
             fmt, options = None, {}
         else:
             filename = name
-            if flags.aio != "threads":
-                options = self._with_aio(filename, fmt, options, flags.aio)
-                if flags.aio == "native" and not cache["cache_direct"] and options.get("file", options).get("aio"):
-                    raise OptionError("aio=native was specified, but it requires cache.direct=on, "
-                                      "which was not specified.")
-        return await self.session.open_backend(
-            filename, fmt=fmt, read_only=flags.read_only, force_share=flags.force_share, share_all=True,
-            write_cache=cache["write_cache"], cache_direct=cache["cache_direct"], no_flush=cache["no_flush"],
-            discard=flags.discard, options=options)
+        kw = {"fmt": fmt, "read_only": flags.read_only, "force_share": flags.force_share, "share_all": True,
+              "write_cache": cache["write_cache"], "cache_direct": cache["cache_direct"],
+              "no_flush": cache["no_flush"], "discard": flags.discard}
+        with_aio = self._with_aio(filename, fmt, options, flags.aio) if flags.aio != "threads" else options
+        if with_aio is options:
+            return await self.session.open_backend(filename, options=options, **kw)
+        if flags.aio == "native" and not cache["cache_direct"]:
+            raise OptionError("aio=native was specified, but it requires cache.direct=on, which was not specified.")
+        try:
+            return await self.session.open_backend(filename, options=with_aio, **kw)
+        except OptionError as e:
+            if e.option != "aio":
+                raise
+            # An engine no installed plugin provides: qemu-io scripts keep working on the thread pool.
+            error_report(f"warning: {e.reason}; using aio=threads")
+            return await self.session.open_backend(filename, options=options, **kw)
 
     def _with_aio(self, filename: str, fmt: str | None, options: dict[str, Any], aio: str) -> dict[str, Any]:
         """``-i``/``-k`` select the file protocol's I/O engine; other protocols ignore it (as in QEMU)."""
+        if filename.startswith("json:"):
+            return options
         registry = self.session.registry
         if fmt is not None and registry.driver_entry(fmt).meta["kind"] is DriverKind.PROTOCOL:
             return merge(options, {"aio": aio}) if fmt == "file" else options
