@@ -11,18 +11,24 @@ import sys
 from typing import Any
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
-_state = {"level": 30, "json": False, "configured": False}
+_state = {"level": 30, "json": False, "pending": True}
 
 
 def configure(level: str = "warning", json: bool = False) -> None:
-    """Set up structlog once, at the edge (CLI, daemon)."""
-    _state.update(level=LEVELS[level], json=json, configured=False)
+    """Set the level and renderer, once, at the edge (CLI, daemon).
+
+    structlog is configured now if something already imported it, otherwise at
+    the first event that passes the level filter.
+    """
+    _state.update(level=LEVELS[level], json=json, pending=True)
+    if "structlog" in sys.modules:
+        _structlog()
 
 
 def _structlog() -> Any:
     import structlog
 
-    if not _state["configured"]:
+    if _state["pending"]:
         renderer = (structlog.processors.JSONRenderer() if _state["json"]
                     else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
         structlog.configure(
@@ -32,7 +38,7 @@ def _structlog() -> Any:
             logger_factory=structlog.PrintLoggerFactory(sys.stderr),
             cache_logger_on_first_use=False,
         )
-        _state["configured"] = True
+        _state["pending"] = False
     return structlog
 
 
