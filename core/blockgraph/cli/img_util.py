@@ -91,7 +91,7 @@ def image_opts_filename(text: str) -> str:
 
 async def open_node(session: Session, filename: str, *, fmt: str | None = None, image_opts: bool = False,
                     read_only: bool = True, force_share: bool = False, cache: str = "writeback",
-                    unmap: bool = False, code: int = 1) -> Node:
+                    unmap: bool = False, options: dict[str, Any] | None = None, code: int = 1) -> Node:
     """Open ``filename`` as qemu-img does; failures become ``Could not open 'F': reason``."""
     if image_opts and fmt:
         raise ImgExit("--image-opts and --format are mutually exclusive", code)
@@ -105,7 +105,8 @@ async def open_node(session: Session, filename: str, *, fmt: str | None = None, 
     if force_share and not read_only:
         raise ImgExit(f"Could not open '{name}': force-share=on can only be used with read-only images", code)
     try:
-        return await session.open_image(filename, fmt=fmt, read_only=read_only, force_share=force_share,
+        return await session.open_image(filename, fmt=fmt, options=options, read_only=read_only,
+                                        force_share=force_share,
                                         cache_direct=direct, no_flush=no_flush,
                                         discard="unmap" if unmap else None)
     except DriverNotFound as e:
@@ -128,14 +129,14 @@ def _locked(name: str, e: Exception, read_only: bool) -> list[str]:
 async def open_backend(session: Session, filename: str, *, fmt: str | None = None, image_opts: bool = False,
                        read_only: bool = True, force_share: bool = False, share_all: bool = True,
                        cache: str = "writeback", resize: bool = False, unmap: bool = False,
-                       code: int = 1) -> BlockBackend:
+                       options: dict[str, Any] | None = None, code: int = 1) -> BlockBackend:
     """An image with a BlockBackend on top, taking the permissions qemu-img's ``blk_new_open`` takes."""
     from ..backend import BlockBackend
     from ..node import close_node
 
     write_cache, _, _ = cache_mode(cache)
     node = await open_node(session, filename, fmt=fmt, image_opts=image_opts, read_only=read_only,
-                           force_share=force_share, cache=cache, unmap=unmap, code=code)
+                           force_share=force_share, cache=cache, unmap=unmap, options=options, code=code)
     try:
         return await BlockBackend.attach_new(session, node, read_only=read_only,
                                              share_all=share_all or force_share, write_cache=write_cache,
