@@ -177,7 +177,8 @@ class Capabilities:
             write=has("pwritev", "flush"), zero=has("pwrite_zeroes"), discard=has("pdiscard"),
             block_status=has("block_status"), truncate=has("truncate"), flush_to_os=has("flush_to_os"),
             create=has("create"), probe=has("probe"), info=has("info"),
-            perm_hooks=has("check_perm", "set_perm", "abort_perm"), reopen=has("reopen"),
+            perm_hooks=has("check_perm", "set_perm", "abort_perm"),
+            reopen=has("reopen_prepare", "reopen_commit", "reopen_abort"),
         )
 
     def lines(self) -> list[str]:

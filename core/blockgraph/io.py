@@ -46,6 +46,11 @@ def _fill_zero(buf: memoryview) -> None:
         chunk[:] = _ZERO_VIEW[:len(chunk)]
 
 
+def sector_length(length: int) -> int:
+    """Lengths are whole 512-byte sectors, as QEMU's block layer counts them (a 1000-byte file is 1 KiB)."""
+    return -(-length // 512) * 512
+
+
 def zero_view(length: int) -> memoryview:
     """A read-only view of ``length`` zero bytes (at most :data:`ZERO_CHUNK`)."""
     return _ZERO_VIEW[:length]
@@ -437,7 +442,7 @@ async def truncate(node: Node, length: int, exact: bool, prealloc: PreallocMode)
                            detail=f"Image format driver '{node.driver_name}' does not support resize")
     await drain(node)
     await node.driver.truncate(length, exact, prealloc)
-    node.length = await node.driver.getlength()
+    node.length = sector_length(await node.driver.getlength())
     node.write_gen += 1
 
 

@@ -288,6 +288,10 @@ def update_perms(starts: Iterable[Node], edge_wants: dict[Child, tuple[Perm, Per
     for n in order:
         _check_conflicts(n, new)
         perm, shared = _cumulative(n.parents, new)
+        if n.read_only and perm & (Perm.WRITE | Perm.WRITE_UNCHANGED):
+            users = [describe_user(c.parent) for c in n.parents
+                     if new.get(c, (c.perm, c.shared))[0] & (Perm.WRITE | Perm.WRITE_UNCHANGED)]
+            raise PermissionConflict(f"Block node '{n.name}' is read-only, but {', '.join(users)} wants to write")
         result[n] = (perm, shared)
         for c in n.children.values():
             new[c] = n.child_perm(c, perm, shared)

@@ -187,7 +187,7 @@ class Session:
             if specs:
                 key = next(iter(specs))
                 raise OptionError(f"Invalid parameter '{key}'", node=name, driver=common.driver, option=key)
-            node.length = await node.driver.getlength()
+            node.length = io.sector_length(await node.driver.getlength())
         except BaseException as e:
             node.closed = True
             self.nodes.pop(name, None)
@@ -292,6 +292,13 @@ class Session:
         except BaseException:
             await close_node(node)
             raise
+
+    async def reopen(self, node: Node, *, read_only: bool | None = None,
+                     options: dict[str, Any] | None = None) -> None:
+        """Change a live node's read-only flag and mutable options, all or nothing (blockdev-reopen)."""
+        from .reopen import reopen
+
+        await reopen(node, read_only=read_only, options=options)
 
     def refresh_perms(self, node: Node) -> None:
         update_perms([node])

@@ -103,6 +103,15 @@ class RawDriver:
                                detail="Cannot resize fixed-size raw disks")
         await self.file.truncate(length + self.offset, exact, prealloc)
 
+    async def reopen_prepare(self, options: RawOptions, read_only: bool) -> None:
+        """offset and size are fixed for the node's lifetime; nothing else to prepare."""
+
+    async def reopen_commit(self) -> None:
+        """Nothing held that depends on the read-only flag."""
+
+    async def reopen_abort(self) -> None:
+        """Nothing was prepared."""
+
     @classmethod
     async def create(cls, session: Any, filename: str, options: RawCreateOptions) -> None:
         proto = session.registry.protocol_for(filename) or "file"

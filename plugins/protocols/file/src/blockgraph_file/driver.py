@@ -350,6 +350,30 @@ class FileDriver:
             locking.apply(self.fd, self.perm, self.shared, *self._pending)
         self._pending = None
 
+    # ------------------------------------------------------------ reopen
+
+    async def reopen_prepare(self, options: FileOptions, read_only: bool) -> None:
+        """Open the new descriptor now; the old one keeps the locks until commit."""
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC | (os.O_DIRECT if self.direct else 0)
+        try:
+            self._reopen_fd = os.open(self.filename, flags)
+        except OSError as e:
+            raise OpenError(f"Could not reopen '{self.filename}': {e.strerror}") from None
+
+    async def reopen_commit(self) -> None:
+        new, self._reopen_fd = self._reopen_fd, -1
+        if self.use_lock:
+            # Permission checks ran on the old descriptor; the new one takes the same bytes before
+            # the old one (and its locks) goes away, so the image is never unlocked in between.
+            locking.apply(new, self.perm, self.shared, Perm.NONE, Perm.ALL)
+        old, self.fd = self.fd, new
+        os.close(old)
+
+    async def reopen_abort(self) -> None:
+        fd, self._reopen_fd = getattr(self, "_reopen_fd", -1), -1
+        if fd >= 0:
+            os.close(fd)
+
     # ------------------------------------------------------------ create
 
     @classmethod

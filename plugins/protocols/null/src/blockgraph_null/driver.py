@@ -64,6 +64,15 @@ class NullCoDriver:
         if self.delay:
             await asyncio.sleep(self.delay)
 
+    async def reopen_prepare(self, options: NullOptions, read_only: bool) -> None:
+        """No state depends on the options being changed."""
+
+    async def reopen_commit(self) -> None:
+        """Nothing to switch."""
+
+    async def reopen_abort(self) -> None:
+        """Nothing was prepared."""
+
     async def block_status(self, offset: int, length: int, want_zero: bool) -> BlockStatus:
         flags = Status.OFFSET_VALID | (Status.ZERO if self.options.read_zeroes else Status.DATA)
         return BlockStatus(flags, length, offset, self.node.graph_node)
