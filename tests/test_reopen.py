@@ -65,10 +65,22 @@ def test_a_writer_keeps_a_node_read_write(tmp_path: Path, bg_new_session: Any, b
 
 def test_only_mutable_options_change(tmp_path: Path, bg_new_session: Any, bg_runner: Any) -> None:
     img = tmp_path / "disk.img"
-    img.write_bytes(bytes(65536))
+    img.write_bytes(bytes(512) + b"window" + bytes(65530))
     session, run = bg_new_session(), bg_runner.run
     node = _open(session, run, img, read_only=True)
-    with pytest.raises(OptionError, match="Cannot change the option 'offset'") as e:
-        run(session.reopen(node, options={"offset": 512}))
-    assert "node 'fmt'" in str(e.value) and "driver 'raw'" in str(e.value)
-    assert node.options.offset == 0
+    proto = session.find_node("proto")
+    with pytest.raises(OptionError, match="Cannot change the option 'locking'") as e:
+        run(session.reopen(proto, options={"locking": "off"}))
+    assert "node 'proto'" in str(e.value) and "driver 'file'" in str(e.value)
+    assert proto.options.locking == "auto"
+    with pytest.raises(OptionError, match="Cannot change the option 'bogus'"):
+        run(session.reopen(node, options={"bogus": 1}))
+    # raw's window is mutable, as in QEMU; the node's length follows it.
+    run(session.reopen(node, options={"offset": 512, "size": 4096}))
+    blk = run(BlockBackend.attach_new(session, node, read_only=True, share_all=True))
+    buf = bytearray(6)
+    run(blk.preadv(0, memoryview(buf)))
+    assert buf == b"window" and node.length == 4096
+    with pytest.raises(BlockGraphError, match="has to be smaller or equal"):
+        run(session.reopen(node, options={"size": 1 << 30}))
+    assert node.length == 4096 and node.options.size == 4096

@@ -14,9 +14,9 @@ from typing import Any
 import attrs
 
 from .errors import BlockGraphError, OptionError
-from .io import drain
+from .io import drain, sector_length
 from .node import Node, update_perms
-from .options import option_fields, structure
+from .options import flatten, option_fields, structure
 from .perms import ChildRole
 
 
@@ -36,6 +36,10 @@ def _new_options(node: Node, changes: dict[str, Any]) -> Any:
     if not changes:
         return node.options
     fields = option_fields(cls)
+    for key in flatten(changes):
+        if key not in fields:
+            raise OptionError(f"Cannot change the option '{key}'", node=node.name, driver=node.driver_name,
+                              option=key)
     new = structure(cls, {**{k: getattr(node.options, f.name) for k, f in fields.items()
                              if getattr(node.options, f.name) is not None}, **changes},
                     node=node.name, driver=node.driver_name)
@@ -84,5 +88,6 @@ async def reopen(node: Node, *, read_only: bool | None = None, options: dict[str
         if n.caps.reopen:
             await n.driver.reopen_commit()
         n.options = new_opts
+        n.length = sector_length(await n.driver.getlength())
         if n.common is not None:
             n.common = attrs.evolve(n.common, read_only=new_ro)

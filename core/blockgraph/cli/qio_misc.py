@@ -13,9 +13,9 @@ from typing import Any
 
 from .. import io
 from ..driver import DriverKind, PreallocMode, Status
-from ..errors import BlockGraphError
+from ..errors import BlockGraphError, OptionError
 from ..node import Node
-from ..options import flatten, merge, parse_keyval
+from ..options import merge, parse_keyval
 from ..perms import Perm
 from .common import parse_cache_mode
 from .qio_cmds import IO_ERRORS, num, strerror
@@ -260,10 +260,11 @@ async def close_cmd(st: IoState, typed: str, args: list[str]) -> bool:
 
 @command("reopen")
 async def reopen_cmd(st: IoState, typed: str, args: list[str]) -> bool:
-    """What a live image allows without reopening files: drop (or regain) write access, change the write cache."""
+    """Reopen the image read-only (-r) or read-write (-w), with a new write cache or new mutable options."""
     opts, operands = getopt(args, "c:o:rw", typed)
     read_only: bool | None = None
     cache: dict[str, Any] | None = None
+    changes: dict[str, Any] = {}
     for c, value in opts:
         if c in "rw":
             if read_only is not None:
@@ -278,12 +279,9 @@ async def reopen_cmd(st: IoState, typed: str, args: list[str]) -> bool:
                 return False
         elif c == "o":
             try:
-                keys = list(flatten(parse_keyval(value)))
+                changes = merge(changes, parse_keyval(value))
             except BlockGraphError as e:
                 error_report(str(e))
-                return False
-            if keys:
-                error_report(f"Cannot change the option '{keys[0]}'")
                 return False
     if operands:
         raise CmdError(usage(SPECS["reopen"]))
@@ -295,19 +293,21 @@ async def reopen_cmd(st: IoState, typed: str, args: list[str]) -> bool:
             error_report("Cannot change cache.direct or cache.no-flush of an open image")
             return False
         blk.write_cache = cache["write_cache"]
+    before = (blk.perm, blk.read_only)
     try:
         if read_only is True and not blk.read_only:
             await blk.drain()
             blk.set_perm(blk.perm & ~(Perm.WRITE | Perm.RESIZE), blk.shared)
             blk.read_only = True
-        elif read_only is False and blk.read_only:
-            if node.read_only:
-                error_report("Block node is read-only")
-                return False
+        await st.session.reopen(node, read_only=read_only, options=changes or None)
+        if read_only is False and blk.read_only:
             blk.set_perm(blk.perm | Perm.WRITE, blk.shared)
             blk.read_only = False
     except BlockGraphError as e:
-        error_report(str(e))
+        if (blk.perm, blk.read_only) != before:
+            blk.set_perm(before[0], blk.shared)
+            blk.read_only = before[1]
+        error_report(e.reason if isinstance(e, OptionError) else str(e))  # qemu-io's text
         return False
     return True
 

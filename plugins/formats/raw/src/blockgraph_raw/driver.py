@@ -16,8 +16,8 @@ PROBE_SECTOR = 512
 
 @attrs.frozen(kw_only=True)
 class RawOptions:
-    offset: int = opt(0, converter=parse_size, help="start of the disk inside the file")
-    size: int | None = opt(None, converter=optional(parse_size),
+    offset: int = opt(0, converter=parse_size, mutable=True, help="start of the disk inside the file")
+    size: int | None = opt(None, converter=optional(parse_size), mutable=True,
                            help="length of the disk (default: up to the end of the file)")
 
 
@@ -45,18 +45,10 @@ class RawDriver:
 
     async def open(self, node: Any, options: RawOptions) -> None:
         self.node = node
-        self.offset, self.size = options.offset, options.size
-        window = self.offset or self.size is not None
+        window = options.offset or options.size is not None
         role = (ChildRole.DATA | ChildRole.PRIMARY) if window else (ChildRole.FILTERED | ChildRole.PRIMARY)
         self.file = await node.open_child("file", role)
-        file_len = self.file.getlength()
-        if self.offset > file_len:
-            raise OpenError(f"node '{node.node_name}': offset {self.offset} is beyond the end of the file "
-                            f"({file_len} bytes)")
-        if self.size is not None and self.offset + self.size > file_len:
-            raise OpenError(f"node '{node.node_name}': the sum of offset ({self.offset}) and size "
-                            f"({self.size}) has to be smaller or equal to the actual size of the containing "
-                            f"file ({file_len})")
+        self.offset, self.size = self._check_window(options)
         # A probed raw image must not have its first sector rewritten into another format's magic.
         align = PROBE_SECTOR if node.probed_raw else 1
         node.set_limits(request_alignment=align)
@@ -65,6 +57,17 @@ class RawDriver:
         """QEMU's raw_child_perm: the default rules, but write and resize only when a parent asks for them."""
         want, share = default_child_perm(role, perm, shared, writable=not self.node.read_only)
         return (want & ~(Perm.WRITE | Perm.RESIZE)) | (perm & (Perm.WRITE | Perm.RESIZE)), share
+
+    def _check_window(self, options: RawOptions) -> tuple[int, int | None]:
+        file_len = self.file.getlength()
+        if options.offset > file_len:
+            raise OpenError(f"node '{self.node.node_name}': offset {options.offset} is beyond the end of the "
+                            f"file ({file_len} bytes)")
+        if options.size is not None and options.offset + options.size > file_len:
+            raise OpenError(f"node '{self.node.node_name}': the sum of offset ({options.offset}) and size "
+                            f"({options.size}) has to be smaller or equal to the actual size of the containing "
+                            f"file ({file_len})")
+        return options.offset, options.size
 
     async def close(self) -> None:
         """The child is detached by core."""
@@ -104,13 +107,13 @@ class RawDriver:
         await self.file.truncate(length + self.offset, exact, prealloc)
 
     async def reopen_prepare(self, options: RawOptions, read_only: bool) -> None:
-        """offset and size are fixed for the node's lifetime; nothing else to prepare."""
+        self._new_window = self._check_window(options)
 
     async def reopen_commit(self) -> None:
-        """Nothing held that depends on the read-only flag."""
+        self.offset, self.size = self._new_window
 
     async def reopen_abort(self) -> None:
-        """Nothing was prepared."""
+        """Nothing was changed yet."""
 
     @classmethod
     async def create(cls, session: Any, filename: str, options: RawCreateOptions) -> None:
