@@ -74,7 +74,8 @@ class NullCoDriver:
         """Nothing was prepared."""
 
     async def block_status(self, offset: int, length: int, want_zero: bool) -> BlockStatus:
-        flags = Status.OFFSET_VALID | (Status.ZERO if self.options.read_zeroes else Status.DATA)
+        # As QEMU's null: no data anywhere, and zeros only when reads return zeros.
+        flags = Status.OFFSET_VALID | (Status.ZERO if self.options.read_zeroes else Status.NONE)
         return BlockStatus(flags, length, offset, self.node.graph_node)
 
 
