@@ -3,7 +3,8 @@
 One planner walks the sources' block status and hands out chunks: data (at
 most one buffer long), zero, or "leave to the backing file". ``-m`` workers
 each own one reused buffer; reads of page-cached data complete inline, and
-writes are kept in order unless ``-W``. Zero detection runs at C speed:
+writes are issued in order (unless ``-W``), the next one queued while the
+previous one runs. Zero detection runs at C speed:
 ``bytearray.find`` of a block of zeros skips random data in strides of the
 block size, and only aligned all-zero blocks become holes (or write-zeroes
 when the target does not start out zeroed). ``-C`` copies data extents with
@@ -33,6 +34,7 @@ SECTOR = 512
 BUF_SIZE = 2 << 20
 MAX_REQUEST = (1 << 30) - SECTOR * 8
 DATA, ZERO, BACKING = "data", "zero", "backing"
+WRITE_WINDOW = 2
 
 
 @attrs.define
@@ -122,6 +124,9 @@ class Copier:
         self.lock = asyncio.Lock()
         self.wr_offs = 0
         self.waiters: dict[int, asyncio.Future] = {}
+        # In order, writes are issued one after the other with the next one already queued behind the
+        # running one, so the target never waits for the loop to hand it work.
+        self.window = asyncio.Semaphore(WRITE_WINDOW if opts.in_order else opts.workers)
         self.allocated = self.allocated_done = 0
         self.error: BaseException | None = None
         self.gran = max(pow2floor(opts.min_sparse), target.node.limits.request_alignment, SECTOR) \
@@ -230,27 +235,32 @@ class Copier:
             elif not o.min_sparse and status == ZERO:
                 status = DATA
                 view[:n] = bytes(n)
-            nxt = None
             if o.in_order and self.wr_offs != start:
                 fut = asyncio.get_running_loop().create_future()
                 self.waiters[start] = fut
                 await fut
+            await self.window.acquire()
             try:
-                if copy_range and not await self.copy_range(start, n):
-                    await self.read(start, n, buf, view)
-                    await self.write(start, n, buf, view, DATA)
-                elif not copy_range:
-                    await self.write(start, n, buf, view, status)
-            finally:
+                if copy_range:
+                    task = asyncio.ensure_future(self.copy_or_write(start, n, buf, view))
+                else:
+                    task = asyncio.ensure_future(self.write(start, n, buf, view, status))
+                await asyncio.sleep(0)  # the write is submitted; the next one may queue behind it
                 if o.in_order:
                     self.wr_offs = start + n
                     nxt = self.waiters.pop(self.wr_offs, None)
                     if nxt is not None and not nxt.done():
                         nxt.set_result(None)
-            if o.in_order and nxt is not None:
-                await asyncio.sleep(0)  # let the next writer submit before this worker reads on
+                await task
+            finally:
+                self.window.release()
             if o.rate_limit:
                 await self.throttle(n if status == DATA else 0)
+
+    async def copy_or_write(self, start: int, n: int, buf: bytearray, view: memoryview) -> None:
+        if not await self.copy_range(start, n):
+            await self.read(start, n, buf, view)
+            await self.write(start, n, buf, view, DATA)
 
     async def read(self, pos: int, n: int, buf: bytearray, view: memoryview) -> None:
         done = 0
