@@ -154,3 +154,18 @@ def test_dispatcher_errors_and_help() -> None:
     assert r.rc == 0 and "convert [" in r.out and "Supported formats:" in r.out and "raw" in r.out
     r = img("info", "-h")
     assert r.rc == 0 and "info [" in r.out
+
+
+def test_disabled_progress_answers_sigusr1(capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+    import signal
+
+    p = Progress(False, 1.0)
+    try:
+        p.print(10.0, 0)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        p.print(42.0, 0)
+    finally:
+        p.end()
+    assert capsys.readouterr() == ("", "    (42.00/100%)\n")
+    assert signal.getsignal(signal.SIGUSR1) is not p._on_signal

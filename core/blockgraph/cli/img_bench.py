@@ -10,6 +10,7 @@ as qemu-img bench does. The output lines are qemu-img's.
 from __future__ import annotations
 
 import asyncio
+import mmap
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -84,7 +85,9 @@ class Bench:
 
     async def run(self) -> None:
         size = self.bufsize
-        memory = bytearray([self.pattern]) * (self.depth * size)
+        memory = mmap.mmap(-1, max(self.depth * size, 1))  # page-aligned, so O_DIRECT needs no bounce buffer
+        if self.pattern:
+            memory.write(bytes([self.pattern]) * (self.depth * size))
         view = memoryview(memory)
         tasks = [asyncio.ensure_future(self.worker(view[i * size:(i + 1) * size])) for i in range(self.depth)]
         try:

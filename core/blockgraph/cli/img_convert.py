@@ -232,7 +232,7 @@ async def convert(session: Session, argv: list[str]) -> int:
             c.target_backing_len = cow.node.length if cow is not None else -1
         lim = target.node.limits
         c.buf_size = min(MAX_BUF, max(BUF_SIZE, lim.opt_transfer, lim.pdiscard_alignment))
-        await Copier(sources, target, c, meter).run(progress_pass=meter.enabled)
+        await Copier(sources, target, c, meter).run()
         ok = True
     finally:
         if ok:

@@ -201,9 +201,8 @@ class Copier:
 
     # ---------------------------------------------------------------- workers
 
-    async def run(self, progress_pass: bool) -> None:
-        if progress_pass:
-            await self.count_allocated()
+    async def run(self) -> None:
+        await self.count_allocated()  # what the progress meter counts (also kept for SIGUSR1)
         tasks = [asyncio.ensure_future(self.worker()) for _ in range(self.o.workers)]
         try:
             await asyncio.gather(*tasks)
