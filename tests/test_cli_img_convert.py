@@ -152,3 +152,11 @@ def test_zero_blocks_finds_aligned_zero_runs() -> None:
     assert zero_blocks(buf, len(buf), g, bytes(g), bytes(len(buf))) == [(g, 3 * g), (15 * g, 16 * g)]
     assert zero_blocks(buf, 15 * g + 100, g, bytes(g)) == [(g, 3 * g), (15 * g, 15 * g + 100)]
     assert zero_blocks(bytearray(8 * g), 8 * g, g, bytes(g), bytes(8 * g)) == [(0, 8 * g)]
+
+
+def test_converting_onto_the_source_is_refused_before_anything_is_truncated(src: Path) -> None:
+    before = read("src.img")
+    r = img("convert", "src.img", "src.img")
+    assert r == Result(1, "", "qemu-img: src.img: error while converting raw: Failed to get \"write\" lock\n"
+                              "Is another process using the image [src.img]?\n")
+    assert read("src.img") == before

@@ -77,3 +77,10 @@ def test_missing_files() -> None:
     assert img("dd", "if=in.img", "of=/nonexistent-dir/o.img") == Result(
         1, "", "qemu-img: /nonexistent-dir/o.img: error while creating output image: Could not create "
                "'/nonexistent-dir/o.img': No such file or directory\n")
+
+
+def test_output_onto_the_input_is_refused() -> None:
+    before = src()
+    r = img("dd", "if=in.img", "of=in.img")
+    assert r.rc == 1 and r.err.startswith("qemu-img: in.img: error while creating output image: Failed to get")
+    assert src() == before

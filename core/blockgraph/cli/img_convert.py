@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from .img_copy import BUF_SIZE, SECTOR, Copier, CopyOptions, Source
 from .img_create import BlockGraphErrorText, create_target, parse_create_options, print_help_for
 from .img_opts import Getopt, ImgExit, accumulate, cvtnum, has_help_option, strtoul
-from .img_util import Progress, cache_mode, format_class, open_backend, protocol_class, run
+from .img_util import Progress, cache_mode, format_class, open_backend, protocol_class, run, same_file_guard
 
 if TYPE_CHECKING:
     from ..backend import BlockBackend
@@ -219,6 +219,7 @@ async def convert(session: Session, argv: list[str]) -> int:
             raise ImgExit(f"Failed to load snapshot: snapshots are not supported by format "
                           f"'{sources[0].blk.node.driver_name}'")
         if not a.skip_create:
+            same_file_guard(out, [s.blk.node for s in sources], f"{out}: error while converting {a.out_fmt}: ")
             await create(session, a, out, total, len(sources))
         cache_mode(a.cache)
         target = await open_target(session, a, out)

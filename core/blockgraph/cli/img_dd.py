@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from ..errors import BlockGraphError
 from .img_create import BlockGraphErrorText, create_target
 from .img_opts import INT64_MAX, INT_MAX, Getopt, ImgExit, cvtnum
-from .img_util import Progress, format_class, open_backend, protocol_class, report, run
+from .img_util import Progress, format_class, open_backend, protocol_class, report, run, same_file_guard
 
 if TYPE_CHECKING:
     from ..plugins import PluginHost
@@ -71,6 +71,8 @@ async def _main(session: Session, argv: list[str]) -> int:
         size = count * bs
     beyond = skip is not None and (skip > INT64_MAX // bs or size < bs * skip)
     out_size = 0 if beyond else size - bs * (skip or 0)
+    # qemu-img dd would truncate its own input here (its input shares write); refuse instead.
+    same_file_guard(files["of"], [src.node], f"{files['of']}: error while creating output image: ")
     try:
         await create_target(session, files["of"], fmt_cls, out_fmt, None, out_size)
     except BlockGraphErrorText as e:

@@ -172,6 +172,28 @@ async def create_image(session: Session, fmt_cls: type, filename: str, options: 
     await fmt_cls.create(session, filename, options)
 
 
+def same_file_guard(out: str, nodes: list[Node], prefix: str) -> None:
+    """Refuse to create ``out`` over an image this command has open (its creation would truncate it).
+
+    qemu-img gets this refusal from the file driver's locks at creation time.
+    """
+    import os
+
+    for node in nodes:
+        cur, depth = node, 0
+        while cur is not None and depth < 16:
+            path = cur.filename
+            try:
+                if path and os.path.exists(out) and os.path.samefile(path, out):
+                    raise ImgExit(f"{prefix}Failed to get \"write\" lock\n"
+                                  f"Is another process using the image [{out}]?")
+            except OSError:
+                pass
+            child = cur.file or cur.primary()
+            cur = child.node if child is not None else None
+            depth += 1
+
+
 def allocated_size(node: Node) -> int | None:
     """Bytes the image occupies on its host storage (qemu's ``actual-size``), when known."""
     import os
