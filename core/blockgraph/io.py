@@ -139,7 +139,7 @@ async def preadv(node: Node, offset: int, buf: memoryview, flags: ReqFlags = Req
         return
     req = _begin(node, offset, offset + n)
     try:
-        if flags & COPY_ON_READ:
+        if flags and flags & COPY_ON_READ:  # `flags and`: IntFlag operations cost ~1 us each
             await _copy_on_read(node, req, offset, buf, flags)
         else:
             if node.serialising:
@@ -165,7 +165,8 @@ async def _read_padded(node: Node, offset: int, buf: memoryview, flags: ReqFlags
 
 async def _read_aligned(node: Node, offset: int, buf: memoryview, flags: ReqFlags) -> None:
     drv, lock, mt = node.driver, node.lock, node.limits.max_transfer
-    flags &= ~CORE_FLAGS
+    if flags:
+        flags &= ~CORE_FLAGS
     n = len(buf)
     if offset + n > node.length:
         # Past the end reads as zeros; the driver sees at most the aligned remainder (bdrv_aligned_preadv).
@@ -284,9 +285,12 @@ async def _rmw(node: Node, req: Tracked, offset: int, buf: memoryview, align: in
 
 async def _write_aligned(node: Node, offset: int, buf: memoryview, flags: ReqFlags) -> None:
     drv, lock, mt = node.driver, node.lock, node.limits.max_transfer
-    supported = getattr(drv, "supported_write_flags", ReqFlags.NONE)
-    emulate_fua = bool(flags & FUA) and not supported & FUA
-    dflags = flags & supported
+    if flags:
+        supported = getattr(drv, "supported_write_flags", ReqFlags.NONE)
+        emulate_fua = bool(flags & FUA) and not supported & FUA
+        dflags = flags & supported
+    else:
+        emulate_fua, dflags = False, flags
     n = len(buf)
     step = mt or n
     for pos in range(0, n, step):
