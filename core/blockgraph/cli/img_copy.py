@@ -227,7 +227,8 @@ class Copier:
                 self.pos = start + n
             if self.allocated and (status == DATA or (not o.min_sparse and status == ZERO)):
                 self.allocated_done += n
-                self.progress.print(100.0 * self.allocated_done / self.allocated, 0)
+                if self.progress.enabled or self.progress.pending:
+                    self.progress.print(100.0 * self.allocated_done / self.allocated, 0)
             copy_range = o.copy_range and status == DATA
             if status == DATA and not copy_range:
                 await self.read(start, n, buf, view)
@@ -240,17 +241,17 @@ class Copier:
                 await fut
             await self.window.acquire()
             try:
-                if copy_range:
-                    task = asyncio.ensure_future(self.copy_or_write(start, n, buf, view))
-                else:
-                    task = asyncio.ensure_future(self.write(start, n, buf, view, status))
-                await asyncio.sleep(0)  # the write is submitted; the next one may queue behind it
                 if o.in_order:
+                    # Hand the turn on before awaiting: the next writer can only run once this write has
+                    # been submitted (the loop is single-threaded), so writes reach the target in order.
                     self.wr_offs = start + n
                     nxt = self.waiters.pop(self.wr_offs, None)
                     if nxt is not None and not nxt.done():
                         nxt.set_result(None)
-                await task
+                if copy_range:
+                    await self.copy_or_write(start, n, buf, view)
+                else:
+                    await self.write(start, n, buf, view, status)
             finally:
                 self.window.release()
             if o.rate_limit:
