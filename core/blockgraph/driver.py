@@ -183,3 +183,12 @@ class Capabilities:
 
     def lines(self) -> list[str]:
         return [f"has_{k}={int(v)}" for k, v in attrs.asdict(self).items()]
+
+
+def __getattr__(name: str) -> Any:
+    """``from blockgraph.driver import NodeContext`` works too (it lives in node.py, which imports this module)."""
+    if name == "NodeContext":
+        from .node import NodeContext
+
+        return NodeContext
+    raise AttributeError(f"module 'blockgraph.driver' has no attribute {name!r}")
