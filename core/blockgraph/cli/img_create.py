@@ -76,8 +76,7 @@ def parse_create_options(fmt_cls: type, fmt: str, text: str | None) -> dict[str,
         if key not in fields:
             raise BlockGraphErrorText(f"Invalid parameter '{key}'")
         if not eq:
-            raise BlockGraphErrorText(f"Parameter '{key}' is missing a value" if _kind(fields[key]) != "bool (on/off)"
-                                      else f"Invalid parameter '{key}'")
+            value = "on"  # QemuOpts reads a bare key as key=on
         check_value(fields[key], key, value)
         values.pop(key, None)
         values[key] = value
