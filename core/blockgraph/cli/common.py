@@ -47,7 +47,7 @@ def size_to_str(n: int) -> str:
     units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
     value = float(n)
     i = 0
-    while value >= 1024 * 0.95 and i < len(units) - 1:  # qemu switches unit at 0.95 of the next one
+    while value >= 1000 and i < len(units) - 1:  # qemu switches unit once the value reaches 1000
         value /= 1024
         i += 1
     return f"{value:0.3g} {units[i]}"
