@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import attrs
 from blockgraph.driver import BlockStatus, Concurrency, DriverKind, PreallocMode, ReqFlags, Status
 from blockgraph.errors import BlockIOError, OpenError
-from blockgraph.options import one_of, opt, optional, parse_size
+from blockgraph.options import one_of, opt, optional, parse_bool, parse_size
 from blockgraph.perms import ChildRole, Perm, default_child_perm
 
 PROBE_SECTOR = 512
@@ -24,8 +24,9 @@ class RawOptions:
 @attrs.frozen(kw_only=True)
 class RawCreateOptions:
     size: int = opt(converter=parse_size, help="virtual disk size")
-    preallocation: str = opt("off", converter=one_of("off", "falloc", "full"),
-                             help="preallocation mode (off, falloc, full)")
+    preallocation: str = opt("off", converter=one_of("off", "metadata", "falloc", "full"),
+                             help="Preallocation mode (allowed values: off, falloc, full)")
+    nocow: bool = opt(False, converter=parse_bool, help="Turn off copy-on-write (valid only on btrfs)")
 
 
 class RawDriver:
@@ -119,5 +120,7 @@ class RawDriver:
     async def create(cls, session: Any, filename: str, options: RawCreateOptions) -> None:
         proto = session.registry.protocol_for(filename) or "file"
         proto_cls = session.registry.driver(proto)
+        # raw's create options are its protocol's (QEMU appends the protocol's create_opts).
+        proto_fields = {f.name for f in attrs.fields(proto_cls.CreateOptions)}
         await proto_cls.create(session, filename, proto_cls.CreateOptions(
-            size=options.size, preallocation=options.preallocation))
+            **{k: v for k, v in attrs.asdict(options).items() if k in proto_fields}))

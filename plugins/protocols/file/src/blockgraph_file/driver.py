@@ -39,8 +39,8 @@ class FileOptions:
 @attrs.frozen(kw_only=True)
 class FileCreateOptions:
     size: int = opt(converter=parse_size, help="virtual disk size")
-    preallocation: str = opt("off", converter=one_of("off", "falloc", "full"),
-                             help="preallocation mode (off, falloc, full)")
+    preallocation: str = opt("off", converter=one_of("off", "metadata", "falloc", "full"),
+                             help="Preallocation mode (allowed values: off, falloc, full)")
     nocow: bool = opt(False, converter=parse_bool)
 
 
@@ -313,8 +313,9 @@ class FileDriver:
             if length > os.lseek(self.fd, 0, os.SEEK_END):
                 raise OSError(errno.EINVAL, "Cannot grow device files")
             return
-        if prealloc not in (PreallocMode.OFF,) and length < old:
-            raise OSError(errno.ENOTSUP, f"Preallocation mode '{prealloc.value}' unsupported for shrinking")
+        check_prealloc(prealloc)
+        if prealloc is not PreallocMode.OFF and length < old:
+            raise OSError(errno.ENOTSUP, "Cannot use preallocation for shrinking files")
         os.ftruncate(self.fd, length)
         grow(self.fd, old, length, prealloc)
 
@@ -378,38 +379,82 @@ class FileDriver:
 
     @classmethod
     async def create(cls, session: Any, filename: str, options: FileCreateOptions) -> None:
+        path = cls.parse_filename(filename)["filename"]
+        try:
+            prealloc = check_prealloc(PreallocMode(options.preallocation))
+        except OSError as e:
+            raise OpenError(e.strerror) from None
+        size = -(-options.size // 512) * 512  # whole sectors, as QEMU creates them
+
         def work() -> None:
-            path = cls.parse_filename(filename)["filename"]
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             except OSError as e:
                 raise OpenError(f"Could not create '{path}': {e.strerror}") from None
             try:
-                grow(fd, 0, options.size, PreallocMode(options.preallocation), truncate=True)
+                # Lock before truncating, so an image in use elsewhere is refused, not wiped
+                # (raw_co_create: write and resize held, resize not shared).
+                if locking.supported(fd):
+                    perm, shared = Perm.WRITE | Perm.RESIZE, Perm.ALL & ~Perm.RESIZE
+                    locking.apply(fd, perm, shared, Perm.NONE, Perm.ALL)
+                    locking.check(fd, perm, shared, path)
+                os.ftruncate(fd, 0)
+                if options.nocow:
+                    set_nocow(fd)
+                grow(fd, 0, size, prealloc, truncate=True)
             finally:
-                os.close(fd)
+                os.close(fd)  # drops the locks
 
         await session.run_blocking(work)
+
+    def allocated_size(self) -> int:
+        """Bytes the file occupies on the host (qemu-img's "disk size")."""
+        return os.fstat(self.fd).st_blocks * 512
 
     def info(self) -> dict[str, Any]:
         return {}
 
 
+def check_prealloc(prealloc: PreallocMode) -> PreallocMode:
+    """Refuse modes this driver cannot do before anything is changed."""
+    if prealloc not in (PreallocMode.OFF, PreallocMode.FALLOC, PreallocMode.FULL):
+        raise OSError(errno.ENOTSUP, f"Unsupported preallocation mode: {prealloc.value}")
+    return prealloc
+
+
+def set_nocow(fd: int) -> None:
+    """Best effort, as QEMU: set FS_NOCOW_FL (btrfs); file systems without it ignore the request."""
+    import array
+    import fcntl
+
+    fs_ioc_getflags, fs_ioc_setflags, fs_nocow_fl = 0x80086601, 0x40086602, 0x00800000
+    flags = array.array("l", [0])
+    try:
+        fcntl.ioctl(fd, fs_ioc_getflags, flags)
+        flags[0] |= fs_nocow_fl
+        fcntl.ioctl(fd, fs_ioc_setflags, flags)
+    except OSError:
+        pass
+
+
 def grow(fd: int, old: int, length: int, prealloc: PreallocMode, truncate: bool = False) -> None:
     """Extend a file to ``length`` with the preallocation QEMU's file driver offers."""
+    check_prealloc(prealloc)
     if truncate:
         os.ftruncate(fd, length)
-    if length <= old or prealloc is PreallocMode.OFF:
+    if length <= old:
         return
-    if prealloc is PreallocMode.FALLOC:
+    if prealloc is PreallocMode.OFF:
+        if old == 0:
+            # Write the first block, so that O_DIRECT alignment probing works on a new image.
+            os.pwrite(fd, bytes(min(length, max(4096, mmap.PAGESIZE))), 0)
+    elif prealloc is PreallocMode.FALLOC:
         os.posix_fallocate(fd, old, length - old)
-    elif prealloc is PreallocMode.FULL:
+    else:
         chunk = bytes(1 << 20)
         for pos in range(old, length, len(chunk)):
             os.pwrite(fd, chunk[:min(len(chunk), length - pos)], pos)
         os.fsync(fd)
-    else:
-        raise OSError(errno.ENOTSUP, f"Unsupported preallocation mode '{prealloc.value}'")
 
 
 class HostDeviceDriver(FileDriver):
