@@ -62,12 +62,12 @@ class RawDriver:
     def _check_window(self, options: RawOptions) -> tuple[int, int | None]:
         file_len = self.file.getlength()
         if options.offset > file_len:
-            raise OpenError(f"node '{self.node.node_name}': offset {options.offset} is beyond the end of the "
-                            f"file ({file_len} bytes)")
+            raise OpenError(f"Offset ({options.offset}) cannot be greater than size of the containing file "
+                            f"({file_len})")
         if options.size is not None and options.offset + options.size > file_len:
-            raise OpenError(f"node '{self.node.node_name}': the sum of offset ({options.offset}) and size "
-                            f"({options.size}) has to be smaller or equal to the actual size of the containing "
-                            f"file ({file_len})")
+            # QEMU's text, double space included.
+            raise OpenError(f"The sum of offset ({options.offset}) and size ({options.size}) has to be smaller "
+                            f"or equal to the  actual size of the containing file ({file_len})")
         return options.offset, options.size
 
     async def close(self) -> None:
