@@ -161,16 +161,16 @@ class Session:
             if len(name) > 31:  # QEMU keeps node names in 32 bytes
                 raise OptionError("Node name too long", node=name, option="node-name")
         if common.force_share and not common.read_only:
-            raise OptionError("force-share=on can only be used with read-only images", node=common.node_name,
+            raise OptionError("force-share=on can only be used with read-only images", node=name,
                               driver=common.driver, option="force-share")
         if common.detect_zeroes == "unmap" and common.discard not in ("unmap", "on"):
             raise OptionError("setting detect-zeroes to unmap is not allowed without setting discard "
-                              "operation to unmap", node=common.node_name, driver=common.driver,
+                              "operation to unmap", node=name, driver=common.driver,
                               option="detect-zeroes")
         child_keys = set(getattr(cls, "child_options", ()))
         specs = {k: v for k, v in rest.items() if k in child_keys}
         driver_opts = structure(cls.Options, {k: v for k, v in rest.items() if k not in child_keys},
-                                node=common.node_name, driver=common.driver)
+                                node=name, driver=common.driver)
         node = Node(name=name, driver=cls(), session=self, kind=DriverKind(cls.kind),
                     read_only=common.read_only, generated_name=common.node_name is None,
                     options=driver_opts, common=common)
@@ -187,7 +187,7 @@ class Session:
             await node.driver.open(ctx, driver_opts)
             if specs:
                 key = next(iter(specs))
-                raise OptionError(f"Invalid parameter '{key}'", node=common.node_name, driver=common.driver,
+                raise OptionError(f"Invalid parameter '{key}'", node=name, driver=common.driver,
                                   option=key)
             node.length = io.sector_length(await node.driver.getlength())
         except BaseException as e:
