@@ -107,15 +107,14 @@ class PluginHost:
     # ------------------------------------------------------------ loading
 
     def _load_entry_points(self, only: set[str] | None) -> None:
-        from importlib.metadata import entry_points
+        from .entrypoints import entry_points
 
-        for ep in entry_points(group=GROUP):
-            dist = ep.dist.name if ep.dist else "?"
+        for ep in entry_points(GROUP):
+            dist, version = ep.dist, ep.version
             if ep.name in self._blocked or (only is not None and dist not in only and ep.name not in only):
                 continue
             if self.pm.get_plugin(ep.name) is not None:
                 continue
-            version = ep.dist.version if ep.dist else "?"
             try:
                 module = ep.load()
             except Exception as e:  # one broken plugin must not take the others down
