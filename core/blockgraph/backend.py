@@ -94,15 +94,19 @@ class BlockBackend:
     # ------------------------------------------------------------ drain
 
     async def drain(self) -> None:
-        """Hold new requests and wait for the ones in flight (bdrv_drained_begin)."""
+        """Wait until nothing is in flight on the node, holding every user's new requests meanwhile."""
+        async with io.drained(self.node):
+            pass
+
+    def quiesce(self) -> None:
+        """Hold new requests until :meth:`unquiesce` (called by drained sections on the graph)."""
         self._quiesce += 1
-        try:
-            await io.drain(self.node)
-        finally:
-            self._quiesce -= 1
-            if not self._quiesce and self._unquiesced is not None:
-                self._unquiesced.set()
-                self._unquiesced = None
+
+    def unquiesce(self) -> None:
+        self._quiesce -= 1
+        if not self._quiesce and self._unquiesced is not None:
+            self._unquiesced.set()
+            self._unquiesced = None
 
     async def _wait_quiesced(self) -> None:
         while self._quiesce:
@@ -223,8 +227,8 @@ class BlockBackend:
         if not had & Perm.RESIZE:
             self.set_perm(had | Perm.RESIZE, self.shared)
         try:
-            await self.drain()
-            await io.truncate(node, length, exact, prealloc)
+            async with io.drained(node):
+                await io.truncate(node, length, exact, prealloc)
         finally:
             if not had & Perm.RESIZE:
                 self.set_perm(had, self.shared)

@@ -9,8 +9,10 @@ happen here, once, so that no driver repeats them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 from .driver import BlockStatus, DriverKind, PreallocMode, ReqFlags, Status
 from .errors import BlockIOError, NotSupported
@@ -128,6 +130,41 @@ async def drain(node: Node) -> None:
         await node.drained.wait()
     for c in list(node.children.values()):
         await drain(c.node)
+
+
+def _above(node: Node) -> tuple[list[Node], list[Any]]:
+    """Every node above ``node`` (itself included) and every non-node user attached above it."""
+    nodes: list[Node] = []
+    users: list[Any] = []
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if any(n is m for m in nodes):
+            continue
+        nodes.append(n)
+        for edge in n.parents:
+            parent = edge.parent
+            if hasattr(parent, "parents"):
+                todo.append(parent)
+            elif hasattr(parent, "quiesce") and not any(parent is u for u in users):
+                users.append(parent)
+    return nodes, users
+
+
+@contextlib.asynccontextmanager
+async def drained(node: Node) -> AsyncIterator[None]:
+    """A drained section (bdrv_drained_begin/end): every user above ``node`` holds new requests,
+    and the body runs once nothing is in flight on ``node``, above it or below it."""
+    nodes, users = _above(node)
+    for user in users:
+        user.quiesce()
+    try:
+        for n in nodes:
+            await drain(n)
+        yield
+    finally:
+        for user in users:
+            user.unquiesce()
 
 
 # ---------------------------------------------------------------- read

@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 
 from .errors import BlockGraphError, OptionError
-from .io import drain, sector_length
+from .io import drained, sector_length
 from .node import Node, update_perms
 from .options import flatten, option_fields, structure
 from .perms import ChildRole
@@ -66,8 +66,11 @@ async def reopen(node: Node, *, read_only: bool | None = None, options: dict[str
         if (new_ro != n.read_only or new_opts is not n.options) and not n.caps.reopen:
             raise BlockGraphError(f"Block format '{n.driver_name}' used by node '{n.name}' does not support "
                                   "reopening files")
-    for n in nodes:
-        await drain(n)
+    async with drained(node):
+        await _reopen(nodes, plans)
+
+
+async def _reopen(nodes: list[Node], plans: list[tuple[Node, Any, bool]]) -> None:
     prepared: list[Node] = []
     old_ro = {n: n.read_only for n in nodes}
     try:
