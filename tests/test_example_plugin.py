@@ -84,9 +84,11 @@ def test_missing_capabilities_are_skipped_by_name() -> None:
         "skipped", "ramdisk does not implement Discarder")
     assert (outcomes["truncate"].status, outcomes["truncate"].message) == (
         "skipped", "ramdisk does not implement Truncatable")
+    assert (outcomes["live_reopen"].status, outcomes["live_reopen"].message) == (
+        "skipped", "ramdisk does not implement Reopenable")
     # write-zeroes is emulated by core and block status defaults to DATA: both are checked, not skipped
     assert outcomes["write_zeroes"].status == outcomes["block_status"].status == "passed"
-    assert {o.status for n, o in outcomes.items() if n not in ("discard", "truncate")} == {"passed"}
+    assert {o.status for n, o in outcomes.items() if n not in ("discard", "truncate", "live_reopen")} == {"passed"}
 
 
 # ---------------------------------------------------------------- installed for real
@@ -119,7 +121,7 @@ def test_installed_example_passes_its_own_tests(tmp_path: Path) -> None:
     run = subprocess.run([str(bindir / "python"), "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests"],
                          cwd=checkout, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "12 passed, 2 skipped" in run.stdout
+    assert "12 passed, 3 skipped" in run.stdout
     assert "ramdisk does not implement Discarder" in run.stdout
 
     usage = next(b for b in guide_blocks("python") if "asyncio.run(main())" in b)

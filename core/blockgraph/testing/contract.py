@@ -19,11 +19,13 @@ from typing import Any
 
 import attrs
 
+from .. import io
 from ..backend import BlockBackend
 from ..driver import SUPPORTED_API_VERSIONS, Capabilities, Concurrency, DriverKind, ReqFlags, Status
 from ..errors import NotSupported, OptionError
 from ..node import close_node
 from ..options import merge, option_fields, unflatten
+from ..perms import Perm
 from ..session import Session
 from .harness import (
     KIB,
@@ -494,6 +496,29 @@ async def check_reopen(h: Harness) -> None:
             assert_bytes(await read(o.blk, 0, length), expected, 0, "read-only reopen of a persistent driver")
 
 
+async def check_live_reopen(h: Harness) -> None:
+    """Reopen the live node read-only and back (blockdev-reopen): writes refused in between, data kept."""
+    h.require("write")
+    h.require("reopen")
+    async with h.open() as o:
+        blk, length = o.blk, o.blk.getlength()
+        model = await model_of(h, blk)
+        await fill(h, blk, model, [(0, 4096), (length // 2, 8192)], 700)
+        blk.set_perm(Perm.CONSISTENT_READ, blk.shared)
+        blk.read_only = True
+        await call("reopen read-only", o.session.reopen(o.node, read_only=True))
+        if not o.node.read_only:
+            raise ContractViolation("the node is still writable after reopening it read-only")
+        await expect_error("write to the node reopened read-only",
+                           io.pwritev(o.node, 0, memoryview(pattern(h.seed + 702, 512))), [errno.EPERM])
+        await verify_all(h, blk, model, "whole-disk read after reopening read-only")
+        await call("reopen read-write", o.session.reopen(o.node, read_only=False))
+        blk.read_only = False
+        blk.set_perm(Perm.CONSISTENT_READ | Perm.WRITE, blk.shared)
+        await fill(h, blk, model, [(4096, 4096), (length - 512, 512)], 703)
+        await verify_all(h, blk, model, "whole-disk read after reopening read-write")
+
+
 async def check_close_idempotent(h: Harness) -> None:
     """Closing twice silently succeeds (trio's aclose rule), and the last user's close closes the whole tree."""
     async with h.open() as o:
@@ -666,6 +691,7 @@ CHECKS: dict[str, Callable[[Harness], Awaitable[None]]] = {
     "read_only": check_read_only,
     "concurrent": check_concurrent,
     "reopen": check_reopen,
+    "live_reopen": check_live_reopen,
     "close_idempotent": check_close_idempotent,
     "option_errors": check_option_errors,
     "declared_capabilities": check_declared_capabilities,

@@ -30,7 +30,7 @@ NODE_NAME = "contract0"
 
 # Capability field of driver.Capabilities -> the protocol an author implements.
 PROTOCOLS = {"write": "Writable", "zero": "ZeroWriter", "discard": "Discarder",
-             "block_status": "BlockStatusReporter", "truncate": "Truncatable"}
+             "block_status": "BlockStatusReporter", "truncate": "Truncatable", "reopen": "Reopenable"}
 
 
 class ContractViolation(AssertionError):

@@ -87,6 +87,15 @@ class MemDisk:
             STORES[options.id] = st
         return st
 
+    async def reopen_prepare(self, options: MemOptions, read_only: bool) -> None:
+        """Memory needs no new handle; nothing depends on the read-only flag."""
+
+    async def reopen_commit(self) -> None:
+        """Nothing was prepared."""
+
+    async def reopen_abort(self) -> None:
+        """Nothing was prepared."""
+
     async def close(self) -> None:
         self.store = None
 

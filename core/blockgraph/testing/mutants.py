@@ -181,6 +181,15 @@ class Forgetful(MemDisk):
         return Store(bytearray(options.size))
 
 
+class ReopenForgets(MemDisk):
+    """Reopening swaps in a fresh, zeroed disk (a driver that reopens the wrong file)."""
+
+    name: ClassVar[str] = "mutant-reopen-forgets"
+
+    async def reopen_commit(self) -> None:
+        self.store = Store(bytearray(len(self.data)))
+
+
 class DoubleCloseRaises(MemDisk):
     """A second close() fails instead of succeeding silently."""
 
@@ -247,6 +256,7 @@ TARGETS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "read_only": [(ReadOnlyWriteBack.name, {})],
     "concurrent": [(SeekThenWrite.name, {})],
     "reopen": [(Forgetful.name, {})],
+    "live_reopen": [(ReopenForgets.name, {})],
     "close_idempotent": [(DoubleCloseRaises.name, {})],
     "option_errors": [(VagueOptionError.name, {})],
     "declared_capabilities": [(KindLiar.name, {}), (HalfWritable.name, {})],
@@ -258,7 +268,7 @@ FILTER_TARGETS: dict[str, list[str]] = {
 
 _ALL = (OffByOneRead, WriteIgnoresOffset, SectorWrite, ZeroesNoop, DiscardTooMuch, DiscardNoop, StatusLiar,
         WriteBack, FuaIgnored, TruncateIgnoresSize, TruncateKeepsData, LengthLiar, ReadOnlyWriteBack,
-        SeekThenWrite, Forgetful, DoubleCloseRaises, VagueOptionError, HalfWritable, XorFilter,
+        SeekThenWrite, Forgetful, ReopenForgets, DoubleCloseRaises, VagueOptionError, HalfWritable, XorFilter,
         DiscardDroppingFilter)
 
 

@@ -126,6 +126,9 @@ class DriverContract:
     def test_reopen(self, tmp_path: Path) -> None:
         self.run_check(contract.check_reopen, tmp_path)
 
+    def test_live_reopen(self, tmp_path: Path) -> None:
+        self.run_check(contract.check_live_reopen, tmp_path)
+
     def test_close_idempotent(self, tmp_path: Path) -> None:
         self.run_check(contract.check_close_idempotent, tmp_path)
 
