@@ -15,7 +15,7 @@ from . import io
 from .driver import DriverKind
 from .errors import BlockGraphError, OpenError, OptionError
 from .log import get_logger
-from .node import Node, NodeContext, close_node, update_perms
+from .node import Node, NodeContext, close_node, detach, update_perms
 from .options import merge, one_of, opt, optional, parse_bool, parse_json, parse_str, structure
 from .perms import ChildRole
 from .plugins import PluginHost
@@ -194,7 +194,6 @@ class Session:
             node.closed = True
             self.nodes.pop(name, None)
             for c in list(node.children.values()):
-                from .node import detach
                 await detach(c)
             if isinstance(e, OSError):
                 raise OpenError(f"Could not open '{node.filename or name}': {e.strerror or e}") from None
