@@ -1,23 +1,37 @@
-"""fallocate(2) with a mode, which the os module does not offer."""
+"""fallocate(2) with a mode, which the os module does not offer.
+
+ctypes is loaded on first use: most runs (info, convert of data) never zero or punch holes, and
+importing it costs start-up time.
+"""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
+from collections.abc import Callable
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate.restype = ctypes.c_int
+_fallocate: Callable[[int, int, int, int], int] | None = None
+
+
+def _load() -> Callable[[int, int, int, int], int]:
+    global _fallocate
+    if _fallocate is None:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).fallocate  # the C library is already in the process
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        fn.restype = ctypes.c_int
+        _fallocate = fn
+    return _fallocate
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    if _fallocate(fd, mode, offset, length) != 0:
+    if _load()(fd, mode, offset, length) != 0:
+        import ctypes
+
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
