@@ -141,7 +141,21 @@ def test_convert_keeps_qemus_allocation(qimg: str, opts: list[str]) -> None:
     assert qemu("compare", "-f", "raw", "-F", "raw", qimg, "bout.img")[:2] == (0, "Images are identical.\n")
     assert Path("bout.img").read_bytes() == Path("qout.img").read_bytes()
     # Holes stay holes and data stays data, down to the first 4 KiB both file drivers allocate on create.
-    assert data_extents(Path("bout.img")) == data_extents(Path("qout.img"))
+    ours, theirs = data_extents(Path("bout.img")), data_extents(Path("qout.img"))
+    if "-C" in opts:
+        # Copy offload does no zero detection, and the source's written-zero range (an unwritten ext4
+        # extent) is reported as data by SEEK_DATA exactly while its pages sit in the page cache, which
+        # the other tool's copy may just have filled. Which tool copies it is timing, not behaviour.
+        ours, theirs = without(ours, 4 * MiB, 5 * MiB), without(theirs, 4 * MiB, 5 * MiB)
+    assert ours == theirs
+
+
+def without(extents: list[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int]]:
+    """``extents`` with ``[lo, hi)`` cut out (neighbouring pieces stay separate)."""
+    out = []
+    for start, end in extents:
+        out.extend((a, b) for a, b in ((start, min(end, lo)), (max(start, hi), end)) if a < b)
+    return out
 
 
 def test_qemu_reads_what_blockgraph_wrote(bimg: str) -> None:
