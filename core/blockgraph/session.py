@@ -6,7 +6,6 @@ import asyncio
 import os
 import re
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import attrs
@@ -19,6 +18,7 @@ from .node import Node, NodeContext, close_node, detach, update_perms
 from .options import merge, one_of, opt, optional, parse_bool, parse_json, parse_str, structure
 from .perms import ChildRole
 from .plugins import PluginHost
+from .pool import BlockingPool
 
 PROBE_BYTES = 2048
 _NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
@@ -84,8 +84,7 @@ class Session:
         self.nodes: dict[str, Node] = {}
         self.backends: dict[str, Any] = {}
         self._counter = 0
-        self._pool = ThreadPoolExecutor(max_workers or min(16, (os.cpu_count() or 2) * 4),
-                                        thread_name_prefix="blockgraph-io")
+        self._pool = BlockingPool(max_workers or min(16, (os.cpu_count() or 2) * 4))
         self.warn = warn or (lambda msg: None)
         self.registry.pm.hook.blockgraph_configure.call_historic(kwargs={"session": self})
 
@@ -93,7 +92,7 @@ class Session:
 
     def run_blocking(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
         """Run a blocking call on the bounded thread pool (aio=threads)."""
-        return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        return self._pool.run(fn, *args)
 
     def forget_node(self, node: Node) -> None:
         if self.nodes.get(node.name) is node:
@@ -123,7 +122,7 @@ class Session:
         for node in list(self.nodes.values()):
             await close_node(node)
         self.registry.pm.hook.blockgraph_unconfigure(session=self)
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown()
 
     # ------------------------------------------------------------ opening nodes
 
