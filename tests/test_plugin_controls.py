@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from blockgraph import hookimpl
 from blockgraph.cli.main import main
 from blockgraph.errors import DriverNotFound
 from blockgraph.plugins import PluginHost
@@ -73,3 +74,43 @@ def test_a_broken_plugin_is_reported_and_fatal_only_when_used(tmp_path: Path) ->
     assert lines[0] == "[('broken', 'ImportError: needs libfoo')]"
     assert "file" in lines[1]  # the others still load
     assert lines[2] == "driver 'vmdk' is provided by blockgraph-vmdk, which failed to load: ImportError: needs libfoo"
+
+
+class _EverythingPlugin:
+    """One plugin registering an entry of every kind, lazily by dotted path."""
+
+    @staticmethod
+    def _reg(register: Any, kind: str) -> None:
+        register("json:dumps", name=f"demo-{kind}", help=f"a {kind}")
+
+    @hookimpl
+    def blockgraph_register_jobs(self, register: Any) -> None:
+        self._reg(register, "job")
+
+    @hookimpl
+    def blockgraph_register_devices(self, register: Any) -> None:
+        self._reg(register, "device")
+
+    @hookimpl
+    def blockgraph_register_exports(self, register: Any) -> None:
+        self._reg(register, "export")
+
+    @hookimpl
+    def blockgraph_register_object_types(self, register: Any) -> None:
+        self._reg(register, "object")
+
+    @hookimpl
+    def blockgraph_register_qmp_commands(self, register: Any) -> None:
+        self._reg(register, "command")
+
+
+def test_every_registry_is_filled_through_its_hook_and_resolved_lazily() -> None:
+    host = PluginHost(autoload=False, extra=[(_EverythingPlugin(), "everything")])
+    expected = {"jobs": "demo-job", "devices": "demo-device", "exports": "demo-export",
+                "object_types": "demo-object", "qmp_commands": "demo-command"}
+    for table, name in expected.items():
+        entry = host.table(table)[name]
+        assert entry.plugin == "everything" and entry.meta == {"help": name.replace("demo-", "a ")}
+        assert entry.target == "json:dumps"  # not imported until used
+        assert entry.resolve() is json.dumps
+    assert sorted(host.table("cli")) == ["img", "io", "plugins"]  # core's own, through the same hook
