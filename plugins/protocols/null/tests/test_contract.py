@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from blockgraph.testing import DriverContract
 
 
@@ -28,3 +30,11 @@ class TestNullCoLatency(TestNullCo):
 
     def make_options(self, tmp_path: Path, size: int) -> dict[str, Any]:
         return {"size": size, "read-zeroes": "on", "latency-ns": 20000}
+
+
+def test_img_info_shows_no_disk_usage_like_qemu(capsys: pytest.CaptureFixture[str]) -> None:
+    from blockgraph.cli.main import main
+
+    assert main(["img", "info", "--output=json", "null-co://"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["actual-size"] == 0 and info["virtual-size"] == 1 << 30 and info["format"] == "raw"

@@ -64,6 +64,10 @@ class NullCoDriver:
         if self.delay:
             await asyncio.sleep(self.delay)
 
+    def allocated_size(self) -> int:
+        """No storage at all (qemu-img info: "disk size: 0 B")."""
+        return 0
+
     async def reopen_prepare(self, options: NullOptions, read_only: bool) -> None:
         """No state depends on the options being changed."""
 
