@@ -186,27 +186,36 @@ async def vmstate(blk: Any, method: str, offset: int, buf: memoryview) -> None:
     await fn(offset, buf)
 
 
-@command("readv")
-async def readv_cmd(st: IoState, typed: str, args: list[str]) -> bool:
-    opts, operands = getopt(args, "CP:qv", typed)
-    flags = {c for c, _ in opts}
+def _vector_read_args(typed: str, args: list[str], spec: str, optstring: str
+                      ) -> tuple[set[str], bytes | None, list[str]]:
+    """Options and operands shared by readv and aio_read: ``[-CqvP pattern] offset len [len...]``."""
+    opts, operands = getopt(args, optstring, typed)
     pattern = None
     for c, value in opts:
         if c == "P":
             pattern = parse_pattern(value)
     if len(operands) < 2:
-        raise CmdError(usage(SPECS["readv"]))
-    offset = num(operands[0])
-    buf = filled(iovec_total(operands[1:]), PATTERN_READ_FILL)
+        raise CmdError(usage(SPECS[spec]))
+    return {c for c, _ in opts}, pattern, operands
+
+
+async def _readv_and_report(blk: Any, offset: int, buf: bytearray, pattern: Any, flags: set[str]) -> bool:
+    """Read into ``buf``, then verify and report as qemu-io's readv does."""
     start = time.perf_counter()
     try:
-        await _blk(st).preadv(offset, memoryview(buf))
+        await blk.preadv(offset, memoryview(buf))
     except IO_ERRORS as e:
         out(f"readv failed: {strerror(e)}")
         return False
-    seconds = time.perf_counter() - start
-    return finish_read("read", buf, offset, seconds, pattern, (0, len(buf)), "q" in flags, "v" in flags,
-                       "C" in flags)
+    return finish_read("read", buf, offset, time.perf_counter() - start, pattern, (0, len(buf)),
+                       "q" in flags, "v" in flags, "C" in flags)
+
+
+@command("readv")
+async def readv_cmd(st: IoState, typed: str, args: list[str]) -> bool:
+    flags, pattern, operands = _vector_read_args(typed, args, "readv", "CP:qv")
+    buf = filled(iovec_total(operands[1:]), PATTERN_READ_FILL)
+    return await _readv_and_report(_blk(st), num(operands[0]), buf, pattern, flags)
 
 
 @command("write")
@@ -340,32 +349,12 @@ async def discard_cmd(st: IoState, typed: str, args: list[str]) -> bool:
 
 @command("aio_read")
 async def aio_read_cmd(st: IoState, typed: str, args: list[str]) -> bool:
-    opts, operands = getopt(args, "CP:iqv", typed)
-    flags = {c for c, _ in opts}
-    pattern = None
-    for c, value in opts:
-        if c == "P":
-            pattern = parse_pattern(value)
-    if len(operands) < 2:
-        raise CmdError(usage(SPECS["aio_read"]))
+    flags, pattern, operands = _vector_read_args(typed, args, "aio_read", "CP:iqv")
     if "i" in flags:
         out("injecting invalid read request")
         return True
-    offset = num(operands[0])
     buf = filled(iovec_total(operands[1:]), PATTERN_READ_FILL)
-    blk = _blk(st)
-
-    async def request() -> None:
-        start = time.perf_counter()
-        try:
-            await blk.preadv(offset, memoryview(buf))
-        except IO_ERRORS as e:
-            out(f"readv failed: {strerror(e)}")
-            return
-        finish_read("read", buf, offset, time.perf_counter() - start, pattern, (0, len(buf)),
-                    "q" in flags, "v" in flags, "C" in flags)
-
-    await submitted(st, request())
+    await submitted(st, _readv_and_report(_blk(st), num(operands[0]), buf, pattern, flags))
     return True
 
 

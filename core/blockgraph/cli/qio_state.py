@@ -113,7 +113,7 @@ class IoState:
         blk = self.blk
         return blk is not None and not blk.read_only and bool(blk.perm & Perm.WRITE)
 
-    def start(self, coro: Awaitable[None]) -> asyncio.Task:
+    def start(self, coro: Awaitable[object]) -> asyncio.Task:
         """Run an aio request as its own task, so that several are in flight at once."""
         async def guarded() -> None:
             try:
