@@ -11,7 +11,7 @@ line, empty containers as ``{\\n}``; the compact form separates items with
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 BUCKETS = 512
@@ -107,34 +107,22 @@ def dumps(obj: Any, pretty: bool = True) -> str:
 
 def dump_human(d: Mapping[str, Any], indent: int) -> list[str]:
     """QEMU's human rendering of a QDict: dashes become spaces, nested values indent by four."""
-    lines: list[str] = []
-    pad = " " * (indent * 4)
-    for k in qdict_order(d):
-        v = d[k]
-        key = k.replace("-", " ")
-        if isinstance(v, Mapping):
-            lines.append(f"{pad}{key}:")
-            lines.extend(dump_human(v, indent + 1))
-        elif isinstance(v, (list, tuple)):
-            lines.append(f"{pad}{key}:")
-            lines.extend(_human_list(v, indent + 1))
-        else:
-            lines.append(f"{pad}{key}: {_human_scalar(v)}")
-    return lines
+    return _human_items(((k.replace("-", " "), d[k]) for k in qdict_order(d)), indent)
 
 
-def _human_list(items: Any, indent: int) -> list[str]:
+def _human_items(items: Iterable[tuple[str, Any]], indent: int) -> list[str]:
+    """One ``label: value`` line per item; dicts and lists nest below their label (lists as ``[i]``)."""
     lines: list[str] = []
     pad = " " * (indent * 4)
-    for i, v in enumerate(items):
+    for label, v in items:
         if isinstance(v, Mapping):
-            lines.append(f"{pad}[{i}]:")
+            lines.append(f"{pad}{label}:")
             lines.extend(dump_human(v, indent + 1))
         elif isinstance(v, (list, tuple)):
-            lines.append(f"{pad}[{i}]:")
-            lines.extend(_human_list(v, indent + 1))
+            lines.append(f"{pad}{label}:")
+            lines.extend(_human_items(((f"[{i}]", x) for i, x in enumerate(v)), indent + 1))
         else:
-            lines.append(f"{pad}[{i}]: {_human_scalar(v)}")
+            lines.append(f"{pad}{label}: {_human_scalar(v)}")
     return lines
 
 
