@@ -159,7 +159,7 @@ async def _main(session: Session, argv: list[str]) -> int:
         elif key == "image-opts":
             image_opts = True
         elif key == "object":
-            raise ImgExit("--object is not supported by blockgraph img", 2)
+            raise ImgExit.no_object(2)
     expect(rest, 2, "Expecting two image file names")
     meter = Progress(progress and not quiet, 2.0)
     try:

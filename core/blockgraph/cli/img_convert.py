@@ -123,7 +123,7 @@ def parse(argv: list[str]) -> tuple[Args, list[str]]:
         elif key == "skip-broken-bitmaps":
             a.skip_broken = True
         elif key == "object":
-            raise ImgExit("--object is not supported by blockgraph img")
+            raise ImgExit.no_object()
     return a, rest
 
 

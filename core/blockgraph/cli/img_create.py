@@ -237,7 +237,7 @@ async def _main(session: Session, argv: list[str]) -> int:
         elif key == "F":
             backing_fmt = value
         elif key == "object":
-            raise ImgExit("--object is not supported by blockgraph img")
+            raise ImgExit.no_object()
     filename = rest[0] if rest else None
     if has_help_option(options):
         return print_help_for(session, fmt, filename)

@@ -43,7 +43,7 @@ async def _main(session: Session, argv: list[str]) -> int:
         elif key == "image-opts":
             image_opts = True
         elif key == "object":
-            raise ImgExit("--object is not supported by blockgraph img")
+            raise ImgExit.no_object()
     bs, count, skip = 512, None, None
     files: dict[str, str] = {}
     for arg in rest:

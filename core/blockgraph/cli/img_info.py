@@ -177,7 +177,7 @@ async def _main(session: Session, argv: list[str]) -> int:
         elif key == "image-opts":
             image_opts = True
         elif key == "object":
-            raise ImgExit("--object is not supported by blockgraph img")
+            raise ImgExit.no_object()
     expect(rest, 1, "Expecting one image file name")
     output = one_of_output(output)
     filename = rest[0]

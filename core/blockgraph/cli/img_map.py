@@ -150,7 +150,7 @@ async def _main(session: Session, argv: list[str]) -> int:
         elif key == "max-length":
             max_length = cvtnum("max length", value)
         elif key == "object":
-            raise ImgExit("--object is not supported by blockgraph img")
+            raise ImgExit.no_object()
     expect(rest, 1, "Expecting one image file name")
     output = one_of_output(output)
     blk = await open_backend(session, rest[0], fmt=fmt, image_opts=image_opts, force_share=force_share)

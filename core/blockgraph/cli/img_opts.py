@@ -29,6 +29,11 @@ class ImgExit(Exception):
         self.code, self.usage = code, usage
         super().__init__("\n".join(self.lines))
 
+    @classmethod
+    def no_object(cls, code: int = 1) -> ImgExit:
+        """``--object``: secrets, TLS credentials and throttle groups have no plugin yet."""
+        return cls("--object is not supported by blockgraph img", code)
+
 
 def usage_error(msg: str) -> ImgExit:
     return ImgExit(msg, 1, usage=True)

@@ -56,7 +56,7 @@ async def _main(session: Session, argv: list[str]) -> int:
             except ValueError:
                 raise ImgExit(f"Invalid preallocation mode '{value}'") from None
         elif key == "object":
-            raise ImgExit("--object is not supported by blockgraph img")
+            raise ImgExit.no_object()
     if len(rest) != 1:
         raise usage_error("Expecting image file name and size")
     relative = {"+": 1, "-": -1}.get(size_arg[:1], 0)
