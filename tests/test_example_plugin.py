@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 from types import ModuleType
@@ -22,6 +21,7 @@ import pytest
 from blockgraph.driver import Capabilities
 from blockgraph.plugins import PluginHost
 from blockgraph.testing import Harness, run_checks
+from helpers_venv import make_venv
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = Path(__file__).parent / "example_plugin"
@@ -94,22 +94,11 @@ def test_missing_capabilities_are_skipped_by_name() -> None:
 # ---------------------------------------------------------------- installed for real
 
 
-def _venv(path: Path, *installs: str) -> Path:
-    uv = shutil.which("uv")
-    if uv:
-        subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(path)], check=True)
-        subprocess.run([uv, "pip", "install", "-q", "--python", str(path / "bin/python"), *installs], check=True)
-    else:
-        subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
-        subprocess.run([str(path / "bin/pip"), "install", "-q", *installs], check=True)
-    return path / "bin"
-
-
 @pytest.mark.slow
 def test_installed_example_passes_its_own_tests(tmp_path: Path) -> None:
     checkout = tmp_path / "blockgraph-ramdisk"
     shutil.copytree(EXAMPLE, checkout, ignore=shutil.ignore_patterns("__pycache__"))
-    bindir = _venv(tmp_path / "venv", str(ROOT), f"{checkout}[test]")
+    bindir = make_venv(tmp_path / "venv", str(ROOT), f"{checkout}[test]")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "BLOCKGRAPH_"))}
 
     listing = subprocess.run([str(bindir / "blockgraph"), "plugins"], cwd=checkout, env=env,

@@ -4,32 +4,20 @@ and asking for a driver that is not installed names the distribution that provid
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers_venv import make_venv
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def _make_venv(path: Path) -> Path:
-    uv = shutil.which("uv")
-    paths = [str(ROOT), str(ROOT / "plugins/protocols/file"), str(ROOT / "plugins/formats/raw")]
-    if uv:
-        subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(path)], check=True)
-        subprocess.run([uv, "pip", "install", "-q", "--python", str(path / "bin/python"), *paths], check=True)
-    else:
-        subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
-        subprocess.run([str(path / "bin/pip"), "install", "-q", *paths], check=True)
-    return path / "bin"
-
-
 @pytest.fixture(scope="module")
 def venv_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _make_venv(tmp_path_factory.mktemp("selective") / "venv")
+    paths = [str(ROOT), str(ROOT / "plugins/protocols/file"), str(ROOT / "plugins/formats/raw")]
+    return make_venv(tmp_path_factory.mktemp("selective") / "venv", *paths)
 
 
 def _run(bindir: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
