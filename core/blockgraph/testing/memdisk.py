@@ -55,7 +55,20 @@ class MemOptions:
                                    help="discard alignment (0: none)")
 
 
-class MemDisk:
+class ReopensInPlace:
+    """Reopen for drivers whose state does not depend on the read-only flag or the options."""
+
+    async def reopen_prepare(self, options: Any, read_only: bool) -> None:
+        """Nothing to prepare: no handle to reopen."""
+
+    async def reopen_commit(self) -> None:
+        """Nothing was prepared."""
+
+    async def reopen_abort(self) -> None:
+        """Nothing was prepared."""
+
+
+class MemDisk(ReopensInPlace):
     """A correct protocol driver over a bytearray."""
 
     name: ClassVar[str] = "testing-memdisk"
@@ -86,15 +99,6 @@ class MemDisk:
         if options.id:
             STORES[options.id] = st
         return st
-
-    async def reopen_prepare(self, options: MemOptions, read_only: bool) -> None:
-        """Memory needs no new handle; nothing depends on the read-only flag."""
-
-    async def reopen_commit(self) -> None:
-        """Nothing was prepared."""
-
-    async def reopen_abort(self) -> None:
-        """Nothing was prepared."""
 
     async def close(self) -> None:
         self.store = None
@@ -171,7 +175,7 @@ class NoOptions:
     """A driver without options of its own."""
 
 
-class Passthrough:
+class Passthrough(ReopensInPlace):
     """A correct filter: one filtered child, every request forwarded unchanged."""
 
     name: ClassVar[str] = "testing-passthrough"
