@@ -25,6 +25,7 @@ Optional methods and their fallbacks, detected once at open:
                         -- protocols that mirror permissions outside the process
                            (file locks).
 ``info``                -- format-specific lines for ``img info``.
+``check``               -- ``img check``: consistency check and repair (:class:`CheckResult`).
 classmethod ``create``  -- ``img create`` for this driver.
 classmethod ``probe``   -- a score 0..100 from the first 2048 bytes.
 classmethod ``parse_filename`` -- turn a filename/URL into options.
@@ -111,6 +112,34 @@ class PreallocMode(enum.Enum):
     FULL = "full"
 
 
+class CheckFix(enum.IntFlag):
+    """What ``img check -r`` may repair (QEMU's BdrvCheckMode)."""
+
+    NONE = 0
+    LEAKS = 1
+    ERRORS = 2
+
+
+@attrs.define
+class CheckResult:
+    """What a driver's ``check(fix)`` found (QEMU's BdrvCheckResult); counts are in clusters/blocks.
+
+    ``messages`` are the per-problem lines qemu-img prints on stderr (``Leaked cluster 5 refcount=1 reference=0``).
+    """
+
+    corruptions: int = 0
+    leaks: int = 0
+    check_errors: int = 0
+    corruptions_fixed: int = 0
+    leaks_fixed: int = 0
+    image_end_offset: int = 0
+    total_clusters: int = 0
+    allocated_clusters: int = 0
+    fragmented_clusters: int = 0
+    compressed_clusters: int = 0
+    messages: list[str] = attrs.Factory(list)
+
+
 @runtime_checkable
 class BlockDriver(Protocol):
     """What every driver has."""
@@ -167,6 +196,7 @@ class Capabilities:
     info: bool
     perm_hooks: bool
     reopen: bool
+    check: bool
 
     @classmethod
     def of(cls, drv: type) -> Capabilities:
@@ -178,7 +208,7 @@ class Capabilities:
             block_status=has("block_status"), truncate=has("truncate"), flush_to_os=has("flush_to_os"),
             create=has("create"), probe=has("probe"), info=has("info"),
             perm_hooks=has("check_perm", "set_perm", "abort_perm"),
-            reopen=has("reopen_prepare", "reopen_commit", "reopen_abort"),
+            reopen=has("reopen_prepare", "reopen_commit", "reopen_abort"), check=has("check"),
         )
 
     def lines(self) -> list[str]:

@@ -461,6 +461,34 @@ class NodeContext:
                 await close_node(child_node)
             raise
 
+    def backing_disabled(self) -> bool:
+        """True when the user gave ``backing=null``: open no backing file whatever the image says."""
+        return "backing" in self._specs and self._specs["backing"] is None
+
+    async def open_backing(self, filename: str | None, fmt: str | None = None) -> Child | None:
+        """Attach the COW child: the ``backing`` option when given, else ``filename`` from the image header.
+
+        A relative ``filename`` is resolved against the directory of this image (QEMU's path_combine), never
+        the working directory; ``fmt=None`` probes. Returns None with ``backing=null`` or no backing file.
+        """
+        if "backing" in self._specs:
+            if self._specs["backing"] is None:
+                del self._specs["backing"]
+                return None
+            return await self.open_child("backing", ChildRole.COW)
+        if not filename:
+            return None
+        from .backing import backing_spec
+
+        spec = self._specs["backing"] = await backing_spec(self._node, filename, fmt)
+        try:
+            return await self.open_child("backing", ChildRole.COW)
+        except BaseException:
+            probed = spec.get("file") if isinstance(spec, dict) else None
+            if isinstance(probed, Node) and probed.refcnt == 0:
+                await close_node(probed)
+            raise
+
     def set_limits(self, **limits: int) -> None:
         self._node.limits = attrs.evolve(self._node.limits, **limits)
 
