@@ -38,7 +38,26 @@ def blockgraph_register_devices(register: Any) -> None:
 
 @hookspec
 def blockgraph_register_exports(register: Any) -> None:
-    """Register export types (``nbd``, ``vhost-user-blk``...): ``register(target, *, name)``. Plain hook."""
+    """Register export types (``nbd``, ``vhost-user-blk``...): ``register(target, *, name)``. Plain hook.
+
+    ``target`` (a class or ``"module:Class"``) provides:
+
+    * ``async create(daemon, options) -> export`` (classmethod or static): start serving. ``options`` is the
+      BlockExportOptions tree of ``--export`` / ``block-export-add`` (``type``, ``id``, ``node-name``,
+      ``writable``, ... plus the type's own keys; keyval strings or JSON values, so convert with
+      ``blockgraph.options.parse_bool`` and friends). The core has already checked that ``id`` is new and
+      ``node-name`` exists; raise ``blockgraph.qmp.QMPError`` or any ``BlockGraphError`` to refuse.
+    * optionally ``async start_server(daemon, options)``: the daemon's ``--<name>-server`` option
+      (``--nbd-server addr.type=unix,addr.path=...`` calls the ``nbd`` type's ``start_server``), and
+      optionally ``async stop_server(daemon)``, called at shutdown after every export is deleted.
+
+    The returned export object has ``id``, ``type``, ``node_name`` and ``shutting_down`` attributes and
+    ``async delete(mode)`` (``mode`` is ``safe`` or ``hard``) that stops serving and releases the node.
+    ``daemon`` is a :class:`blockgraph.daemon.Daemon`: ``daemon.session`` (the graph), ``daemon.emit(event,
+    data)`` (QMP events), ``daemon.state`` (a dict for per-plugin state such as a running server),
+    ``daemon.exports`` (id -> export). The core owns ``block-export-add``, ``block-export-del`` and
+    ``query-block-exports`` and the daemon's ``--export``, and dispatches them here by ``type``.
+    """
 
 
 @hookspec
@@ -48,7 +67,19 @@ def blockgraph_register_object_types(register: Any) -> None:
 
 @hookspec
 def blockgraph_register_qmp_commands(register: Any) -> None:
-    """Register monitor commands: ``register(target, *, name)``. Plain hook."""
+    """Register monitor commands: ``register(target, *, name, args=None)``. Plain hook.
+
+    ``target`` (a function or ``"module:function"``) is called as ``await target(daemon, arguments)`` (plain
+    functions work too) and returns the command's ``return`` value (``None`` means ``{}``). ``arguments`` is
+    the request's ``arguments`` object. ``args``, when given, declares them as QAPI does (``{"node-name":
+    "str", "size": "int", "*flat": "bool"}``; ``*`` marks optional, types are ``str``, ``int``, ``bool``,
+    ``number``, ``any``, ``dict``, ``list``) and the monitor then refuses missing, unexpected and ill-typed
+    arguments with QEMU's texts before calling; without ``args`` the target checks them itself.
+    Errors: raise ``blockgraph.qmp.QMPError(desc, cls="GenericError")`` (or ``DeviceNotFound`` ...) or any
+    ``BlockGraphError`` (a ``GenericError`` with its text). A plugin command of the same name as a core one
+    replaces it. ``daemon`` is the :class:`blockgraph.daemon.Daemon` described under
+    ``blockgraph_register_exports``.
+    """
 
 
 @hookspec
