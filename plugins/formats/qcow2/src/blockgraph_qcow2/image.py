@@ -1,0 +1,258 @@
+"""The open image's metadata: header, L1 table, L2 cache, refcounts (shared by driver, check, snapshot, amend).
+
+``Image`` knows nothing about guest requests; it answers "where does guest cluster N live" (``lookup``,
+``l2_slot``) and updates metadata in the crash-safe order. Names here are a stable API:
+
+* ``img.h`` (:class:`~.header.Header`), ``img.cs`` (cluster size), ``img.l1`` (list of L1 entries),
+  ``img.l2_cache`` (:class:`~.cache.MetaCache`), ``img.rc`` (:class:`~.refcount.Refcounts`), ``img.file``,
+  ``img.data`` (the child holding guest data: ``file`` or the external ``data-file``);
+* ``await img.read_l2(l2_offset)`` -> bytearray table; ``l2_get(table, i)`` -> (entry, bitmap);
+  ``l2_put(table, i, entry, bitmap)``;
+* ``await img.lookup(guest_offset)`` -> ``Mapping``; ``await img.write_header()``; ``await img.write_l1_entry(i)``;
+* ``await img.flush_metadata()`` writes dirty refcount blocks and L2 tables in order.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+import attrs
+from blockgraph.errors import ImageCorrupt
+
+from .cache import MetaCache
+from .constants import (
+    INCOMPAT_DIRTY,
+    L1E_OFFSET_MASK,
+    L2E_OFFSET_MASK,
+    MAX_HOST_OFFSET,
+    MAX_L1_BYTES,
+    OFLAG_COMPRESSED,
+    OFLAG_COPIED,
+    OFLAG_ZERO,
+    SUBCLUSTERS,
+    ClusterType,
+)
+from .refcount import Refcounts
+
+if TYPE_CHECKING:
+    from blockgraph.node import Child
+
+    from .header import Header
+
+_Q = struct.Struct(">Q")
+_QQ = struct.Struct(">QQ")
+
+
+@attrs.frozen(slots=True)
+class Mapping:
+    """Where ``length`` guest bytes from a lookup's offset live: one type, contiguous host bytes."""
+
+    type: int
+    host: int  # host byte offset of the first byte (NORMAL / ZERO_ALLOC), or the raw L2 entry (COMPRESSED)
+    length: int
+
+
+class Image:
+    def __init__(self, file: Child, header: Header, *, node_name: str = "", l2_cache_clusters: int = 16,
+                 refcount_cache_clusters: int = 4) -> None:
+        self.file = file
+        self.data: Child = file
+        self.h = header
+        self.node_name = node_name
+        self.cs = header.cluster_size
+        self.cbits = header.cluster_bits
+        self.extl2 = header.extended_l2
+        self.l2_entries = header.l2_entries
+        self.l2_bits = self.l2_entries.bit_length() - 1
+        self.sc_size = self.cs // SUBCLUSTERS if self.extl2 else self.cs
+        self.l1: list[int] = []
+        self.l2_cache = MetaCache("l2", file, self.cs, l2_cache_clusters)
+        self.rc = Refcounts(file, header, refcount_cache_clusters, node_name)
+        self.has_data_file = False
+        self.lazy = header.lazy_refcounts
+        self.dirty_set = header.dirty
+        self.compressed_mask = (1 << (62 - (self.cbits - 8))) - 1
+
+    def corrupt(self, what: str, offset: int | None = None) -> ImageCorrupt:
+        return ImageCorrupt(what, node=self.node_name or None, offset=offset)
+
+    # ------------------------------------------------------------ loading
+
+    async def load(self, file_length: int) -> None:
+        h = self.h
+        if h.l1_size * 8 > MAX_L1_BYTES:
+            raise self.corrupt("Active L1 table too large")
+        vsize_clusters = -(-h.size // self.cs)
+        need = -(-vsize_clusters // self.l2_entries)
+        if h.l1_size < need:
+            raise self.corrupt("L1 table is too small")
+        if h.l1_size and (h.l1_table_offset % self.cs or h.l1_table_offset + h.l1_size * 8 > file_length):
+            raise self.corrupt("Invalid L1 table offset", h.l1_table_offset)
+        if h.size >= MAX_HOST_OFFSET:
+            raise self.corrupt(f"Image size {h.size} is too large")
+        buf = bytearray(h.l1_size * 8)
+        if buf:
+            await self.file.preadv(h.l1_table_offset, memoryview(buf))
+        self.l1 = list(struct.unpack(f">{h.l1_size}Q", buf))
+        await self.rc.load()
+
+    # ------------------------------------------------------------ L2 access
+
+    def l2_offset(self, l1_index: int) -> int:
+        if l1_index >= len(self.l1):
+            return 0
+        off = self.l1[l1_index] & L1E_OFFSET_MASK
+        if off % self.cs:
+            raise self.corrupt(f"L2 table offset {off:#x} unaligned (L1 index: {l1_index:#x})")
+        return off
+
+    async def read_l2(self, l2_off: int) -> bytearray:
+        if l2_off + self.cs > max(self.file.getlength(), l2_off + self.cs) or l2_off >= MAX_HOST_OFFSET:
+            raise self.corrupt(f"L2 table offset {l2_off:#x} out of range")
+        return await self.l2_cache.get(l2_off)
+
+    def l2_get(self, table: bytearray, i: int) -> tuple[int, int]:
+        if self.extl2:
+            return _QQ.unpack_from(table, 16 * i)
+        return _Q.unpack_from(table, 8 * i)[0], 0
+
+    def l2_put(self, table: bytearray, i: int, entry: int, bitmap: int = 0) -> None:
+        if self.extl2:
+            _QQ.pack_into(table, 16 * i, entry, bitmap)
+        else:
+            _Q.pack_into(table, 8 * i, entry)
+
+    async def entry_at(self, guest_offset: int) -> tuple[int, int]:
+        """The raw (entry, bitmap) of the guest cluster containing ``guest_offset`` ((0, 0) if no L2 table)."""
+        ci = guest_offset >> self.cbits
+        l2_off = self.l2_offset(ci >> self.l2_bits)
+        if not l2_off:
+            return 0, 0
+        table = await self.read_l2(l2_off)
+        return self.l2_get(table, ci & (self.l2_entries - 1))
+
+    def classify(self, entry: int, bitmap: int, sc: int) -> tuple[int, int]:
+        """(ClusterType, host cluster offset) of subcluster ``sc`` (0 without extended L2) of an L2 entry."""
+        if entry & OFLAG_COMPRESSED:
+            return ClusterType.COMPRESSED, entry
+        off = entry & L2E_OFFSET_MASK
+        if off % self.cs:
+            raise self.corrupt(f"Cluster allocation offset {off:#x} unaligned (L2 entry {entry:#x})")
+        if self.extl2:
+            if bitmap >> sc & 1 and bitmap >> (32 + sc) & 1:
+                raise self.corrupt(f"Invalid subcluster bitmap {bitmap:#x}: subcluster {sc} both allocated and zero")
+            if bitmap >> (32 + sc) & 1:
+                return (ClusterType.ZERO_ALLOC if off else ClusterType.ZERO_PLAIN), off
+            if bitmap >> sc & 1:
+                if not off and not (self.has_data_file and entry & OFLAG_COPIED):
+                    raise self.corrupt(f"Subcluster allocated without a host offset (L2 entry {entry:#x})")
+                return ClusterType.NORMAL, off
+            return (ClusterType.UNALLOCATED_ALLOC if off else ClusterType.UNALLOCATED), off
+        if entry & OFLAG_ZERO and self.h.version >= 3:
+            return (ClusterType.ZERO_ALLOC if off else ClusterType.ZERO_PLAIN), off
+        if off or (self.has_data_file and entry & OFLAG_COPIED):
+            return ClusterType.NORMAL, off
+        return ClusterType.UNALLOCATED, 0
+
+    async def lookup(self, offset: int, length: int) -> Mapping:
+        """The mapping of ``[offset, offset+length)`` up to the first change of type or host contiguity."""
+        sc_size = self.sc_size
+        ci = offset >> self.cbits
+        l1i = ci >> self.l2_bits
+        l2_off = self.l2_offset(l1i)
+        in_cluster = offset & (self.cs - 1)
+        if not l2_off:
+            # No L2 table: unallocated up to the end of what this L1 entry covers.
+            span = ((l1i + 1) << (self.l2_bits + self.cbits)) - offset
+            return Mapping(ClusterType.UNALLOCATED, 0, min(length, span))
+        table = await self.read_l2(l2_off)
+        mask = self.l2_entries - 1
+        i = ci & mask
+        entry, bitmap = self.l2_get(table, i)
+        sc = in_cluster // sc_size if self.extl2 else 0
+        typ, host = self.classify(entry, bitmap, sc)
+        if typ == ClusterType.COMPRESSED:
+            return Mapping(typ, entry, min(length, self.cs - in_cluster))
+        start_host = host + in_cluster
+        self._check_host(typ, host, entry)
+        got = (sc + 1) * sc_size - in_cluster if self.extl2 else self.cs - in_cluster
+        # Extend over following subclusters / clusters of the same table with the same type and contiguity.
+        while got < length:
+            pos_c = (in_cluster + got) >> self.cbits  # clusters after the first
+            if self.extl2 and (in_cluster + got) & (self.cs - 1):
+                nsc = ((in_cluster + got) & (self.cs - 1)) // sc_size
+                t2, h2 = self.classify(entry, bitmap, nsc)
+            else:
+                if i + pos_c > mask:
+                    break
+                entry, bitmap = self.l2_get(table, i + pos_c)
+                t2, h2 = self.classify(entry, bitmap, 0)
+                if t2 == ClusterType.COMPRESSED:
+                    break
+                self._check_host(t2, h2, entry)
+            if t2 != typ:
+                break
+            if typ in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC) and h2 != host + (pos_c << self.cbits):
+                break
+            got += sc_size if self.extl2 else self.cs
+        return Mapping(typ, start_host, min(length, got))
+
+    def _check_host(self, typ: int, host: int, entry: int) -> None:
+        if typ == ClusterType.NORMAL and host >= MAX_HOST_OFFSET:
+            raise self.corrupt(f"Data cluster offset {host:#x} out of range (L2 entry {entry:#x})")
+
+    def compressed_range(self, entry: int) -> tuple[int, int]:
+        """(host byte offset, byte count to read) of a compressed cluster descriptor."""
+        x = 62 - (self.cbits - 8)
+        off = entry & ((1 << x) - 1)
+        nsectors = ((entry & ~OFLAG_COMPRESSED & ~OFLAG_COPIED) >> x) + 1
+        return off, nsectors * 512 - (off & 511)
+
+    # ------------------------------------------------------------ writing metadata
+
+    async def write_header(self) -> None:
+        """Rewrite cluster 0's header, extensions and backing name (one write)."""
+        await self.file.pwritev(0, memoryview(self.h.pack()))
+
+    async def write_header_fields(self) -> None:
+        """Rewrite only the fixed header fields QEMU updates in place (size, L1, refcount table, snapshots)."""
+        await self.file.pwritev(0, memoryview(self.h.pack()[:72]))
+
+    async def write_l1_entry(self, i: int) -> None:
+        """Write the aligned 512-byte L1 sector holding entry ``i`` (as QEMU's qcow2_write_l1_entry)."""
+        first = i - i % 64
+        n = min(64, len(self.l1) - first)
+        buf = struct.pack(f">{n}Q", *self.l1[first:first + n])
+        await self.file.pwritev(self.h.l1_table_offset + 8 * first, memoryview(buf))
+
+    async def write_l1(self) -> None:
+        buf = struct.pack(f">{len(self.l1)}Q", *self.l1)
+        if buf:
+            await self.file.pwritev(self.h.l1_table_offset, memoryview(buf))
+
+    async def set_dirty(self) -> None:
+        """Lazy refcounts: mark the image dirty before the first metadata update that skips refcount writes."""
+        if self.dirty_set:
+            return
+        self.h.incompatible_features |= INCOMPAT_DIRTY
+        await self.file.flush()
+        await self.file.pwritev(72, memoryview(struct.pack(">Q", self.h.incompatible_features)))
+        await self.file.flush()
+        self.dirty_set = True
+
+    async def clear_dirty(self) -> None:
+        if not self.dirty_set:
+            return
+        await self.flush_metadata()
+        await self.file.flush()
+        self.h.incompatible_features &= ~INCOMPAT_DIRTY
+        await self.file.pwritev(72, memoryview(struct.pack(">Q", self.h.incompatible_features)))
+        await self.file.flush()
+        self.dirty_set = False
+
+    async def flush_metadata(self) -> None:
+        """Dirty refcount blocks, then dirty L2 tables (their cache's dependencies decide the flushes)."""
+        await self.rc.flush()
+        await self.l2_cache.flush()
+        await self.rc.flush()
