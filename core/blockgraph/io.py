@@ -527,6 +527,8 @@ async def block_status(node: Node, offset: int, length: int, want_zero: bool = T
         flags |= Status.ALLOCATED
     elif want_zero and node.cow_child() is not None and offset >= node.cow_child().node.length:
         flags |= Status.ZERO
+    elif getattr(node.driver, "supports_backing", False) and node.cow_child() is None:
+        flags |= Status.ZERO  # unallocated without a backing file reads zeros (bdrv_co_block_status)
     if offset + st.length >= total:
         flags |= Status.EOF
     if flags != st.flags:

@@ -445,9 +445,10 @@ class NodeContext:
     def has_child_spec(self, name: str) -> bool:
         return name in self._specs
 
-    async def open_child(self, name: str, role: ChildRole, *, required: bool = True) -> Child | None:
-        """Open (or reference) the child given by option ``name`` and attach it with ``role``."""
-        spec = self._specs.pop(name, None)
+    async def open_child(self, name: str, role: ChildRole, *, required: bool = True,
+                         default: Any = None) -> Child | None:
+        """Open (or reference) the child given by option ``name`` (else ``default``) and attach it with ``role``."""
+        spec = self._specs.pop(name, default)
         if spec is None:
             if required:
                 raise OpenError(f"node '{self._node.name}': a '{name}' child is required "
