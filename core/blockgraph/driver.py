@@ -25,7 +25,25 @@ Optional methods and their fallbacks, detected once at open:
                         -- protocols that mirror permissions outside the process
                            (file locks).
 ``info``                -- format-specific lines for ``img info``.
-``check``               -- ``img check``: consistency check and repair (:class:`CheckResult`).
+``check``               -- ``img check``: async ``check(fix: CheckFix) -> CheckResult``, consistency check and
+                           repair (:class:`CheckResult`).
+``snapshot_create`` / ``snapshot_goto`` / ``snapshot_delete`` / ``snapshot_list``
+                        -- internal snapshots (QEMU's bdrv_snapshot_*), all async: ``snapshot_create(sn:
+                           SnapshotInfo)`` (the driver assigns ``id`` when empty), ``snapshot_goto(name_or_id)``,
+                           ``snapshot_delete(snapshot_id, name)`` (either may be None), ``snapshot_list() ->
+                           list[SnapshotInfo]``; optional ``snapshot_load_tmp(snapshot_id, name)`` shows a
+                           snapshot read-only in place of the active layer (``convert -l``, ``measure -l``).
+                           Errors: :class:`~blockgraph.errors.BlockGraphError` with the reason QEMU prints.
+``save_vmstate`` / ``load_vmstate``
+                        -- async ``(pos, buf: memoryview)``: the vm-state byte stream of savevm/loadvm.
+``change_backing_file`` -- async ``(name: str | None, fmt: str | None)``: rewrite the backing file name and format
+                           in the image header (``rebase``; QEMU's bdrv_change_backing_file).
+``make_empty``          -- async: drop all data of this layer (``commit`` without ``-d``).
+``amend``               -- async ``amend(values: dict[str, str], force: bool, warn)``: change create options of an
+                           open image in place (``img amend``); ``values`` are the ``-o`` keys as given (checked
+                           against ``CreateOptions``); ``warn(msg)`` prints a warning line.
+classmethod ``measure`` -- async ``measure(values: dict[str, str], size: int | None, source: Node | None) ->
+                           MeasureResult``: bytes a new image of this format needs (``img measure``).
 classmethod ``create``  -- ``img create`` for this driver.
 classmethod ``probe``   -- a score 0..100 from the first 2048 bytes.
 classmethod ``parse_filename`` -- turn a filename/URL into options.
@@ -140,6 +158,29 @@ class CheckResult:
     messages: list[str] = attrs.Factory(list)
 
 
+@attrs.define
+class SnapshotInfo:
+    """One internal snapshot (QEMU's QEMUSnapshotInfo); ``icount`` None when unknown (-1 on disk)."""
+
+    id: str = ""
+    name: str = ""
+    vm_state_size: int = 0
+    date_sec: int = 0
+    date_nsec: int = 0
+    vm_clock_nsec: int = 0
+    icount: int | None = None
+    disk_size: int | None = None  # the virtual size when the snapshot was taken, if recorded
+
+
+@attrs.frozen
+class MeasureResult:
+    """What ``img measure`` prints (QEMU's BlockMeasureInfo); ``bitmaps`` None: the format has none."""
+
+    required: int
+    fully_allocated: int
+    bitmaps: int | None = None
+
+
 @runtime_checkable
 class BlockDriver(Protocol):
     """What every driver has."""
@@ -197,6 +238,12 @@ class Capabilities:
     perm_hooks: bool
     reopen: bool
     check: bool
+    snapshot: bool = False
+    vmstate: bool = False
+    change_backing_file: bool = False
+    make_empty: bool = False
+    amend: bool = False
+    measure: bool = False
 
     @classmethod
     def of(cls, drv: type) -> Capabilities:
@@ -209,6 +256,9 @@ class Capabilities:
             create=has("create"), probe=has("probe"), info=has("info"),
             perm_hooks=has("check_perm", "set_perm", "abort_perm"),
             reopen=has("reopen_prepare", "reopen_commit", "reopen_abort"), check=has("check"),
+            snapshot=has("snapshot_create", "snapshot_goto", "snapshot_delete", "snapshot_list"),
+            vmstate=has("save_vmstate", "load_vmstate"), change_backing_file=has("change_backing_file"),
+            make_empty=has("make_empty"), amend=has("amend"), measure=has("measure"),
         )
 
     def lines(self) -> list[str]:

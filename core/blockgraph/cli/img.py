@@ -14,9 +14,15 @@ from ..plugins import PluginHost
 from .img_opts import PROG
 
 COMMANDS: dict[str, tuple[str, str]] = {
+    "amend": ("img_amend", "amend [--object objectdef] [--image-opts] [-p] [-q] [-f fmt] [-t cache] [--force] "
+                           "-o options filename"),
     "bench": ("img_bench", "bench [-c count] [-d depth] [-f fmt] [--flush-interval=flush_interval] [-i aio] "
                            "[-n] [--no-drain] [-o offset] [--pattern=pattern] [-q] [-s buffer_size] "
                            "[-S step_size] [-t cache] [-w] [-U] filename"),
+    "check": ("img_check", "check [--object objectdef] [--image-opts] [-q] [-f fmt] [--output=ofmt] "
+                           "[-r [leaks | all]] [-T src_cache] [-U] filename"),
+    "commit": ("img_commit", "commit [--object objectdef] [--image-opts] [-q] [-f fmt] [-t cache] [-b base] "
+                             "[-r rate_limit] [-d] [-p] filename"),
     "compare": ("img_compare", "compare [--image-opts] [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] "
                                "filename1 filename2"),
     "convert": ("img_convert", "convert [--image-opts] [--target-image-opts] [--target-is-zero] [-U] [-C] [-p] "
@@ -30,8 +36,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("img_info", "info [--image-opts] [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename"),
     "map": ("img_map", "map [--image-opts] [-f fmt] [--start-offset=offset] [--max-length=len] "
                        "[--output=ofmt] [-U] filename"),
+    "measure": ("img_measure", "measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | "
+                               "[--object objectdef] [--image-opts] [-f fmt] [-l snapshot_param] filename]"),
+    "rebase": ("img_rebase", "rebase [--object objectdef] [--image-opts] [-U] [-q] [-f fmt] [-t cache] "
+                             "[-T src_cache] [-p] [-u] -b backing_file [-F backing_fmt] filename"),
     "resize": ("img_resize", "resize [--image-opts] [-f fmt] [--preallocation=prealloc] [-q] [--shrink] "
                              "filename [+ | -]size"),
+    "snapshot": ("img_snapshot", "snapshot [--object objectdef] [--image-opts] [-U] [-q] "
+                                 "[-l | -a snapshot | -c snapshot | -d snapshot] filename"),
 }
 
 

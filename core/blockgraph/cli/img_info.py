@@ -97,6 +97,12 @@ async def image_info(node: Node, filename: str) -> dict[str, Any]:
     for key in ("backing-filename", "full-backing-filename", "backing-filename-format", "snapshots"):
         if extra.get(key) is not None:
             info[key] = extra[key]
+    if "snapshots" not in info and getattr(getattr(node, "caps", None), "snapshot", False):
+        from .img_snapshot import list_snapshots, to_qapi
+
+        snapshots = await list_snapshots(node)
+        if snapshots:
+            info["snapshots"] = [to_qapi(sn) for sn in snapshots]
     if "backing-filename" not in info and node.cow_child() is not None:
         backing = node.cow_child().node
         info["backing-filename"] = info["full-backing-filename"] = backing.filename
@@ -141,18 +147,15 @@ def human(info: dict[str, Any]) -> list[str]:
 
 
 def snapshot_lines(snapshots: list[dict[str, Any]]) -> list[str]:
-    import time
+    from ..driver import SnapshotInfo
+    from .img_snapshot import table
 
-    out = ["Snapshot list:", f"{'ID':<7} {'TAG':<16} {'VM_SIZE':>8} {'DATE':>19} {'VM_CLOCK':>15} {'ICOUNT':>10}"]
-    for sn in snapshots:
-        secs = int(sn.get("vm-clock-sec", 0))
-        clock = (f"{secs // 3600:04d}:{secs // 60 % 60:02d}:{secs % 60:02d}."
-                 f"{int(sn.get('vm-clock-nsec', 0)) // 1000000 % 1000:03d}")
-        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(int(sn.get("date-sec", 0))))
-        icount = str(sn["icount"]) if sn.get("icount") is not None else "--"
-        out.append(f"{sn.get('id', ''):<7} {sn.get('name', ''):<16} "
-                   f"{size_to_str(int(sn.get('vm-state-size', 0))):>8} {date:>19} {clock:>15} {icount:>10}")
-    return out
+    return table([SnapshotInfo(id=str(sn.get("id", "")), name=str(sn.get("name", "")),
+                               vm_state_size=int(sn.get("vm-state-size", 0)), date_sec=int(sn.get("date-sec", 0)),
+                               date_nsec=int(sn.get("date-nsec", 0)),
+                               vm_clock_nsec=int(sn.get("vm-clock-sec", 0)) * 1_000_000_000
+                               + int(sn.get("vm-clock-nsec", 0)), icount=sn.get("icount"))
+                  for sn in snapshots])
 
 
 def main(argv: list[str], host: PluginHost) -> int:

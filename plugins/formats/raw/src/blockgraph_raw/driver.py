@@ -124,3 +124,14 @@ class RawDriver:
         proto_fields = {f.name for f in attrs.fields(proto_cls.CreateOptions)}
         await proto_cls.create(session, filename, proto_cls.CreateOptions(
             **{k: v for k, v in attrs.asdict(options).items() if k in proto_fields}))
+
+    @classmethod
+    async def measure(cls, values: dict[str, str], size: int | None, source: Any) -> Any:
+        """``img measure``: the source's length, or the size rounded up to sectors; unallocated space counts."""
+        from blockgraph.driver import MeasureResult
+
+        if source is not None:
+            required = source.length
+        else:
+            required = -(-parse_size(values.get("size", "0")) // 512) * 512
+        return MeasureResult(required, required)
