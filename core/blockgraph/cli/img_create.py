@@ -123,6 +123,7 @@ async def create_target(session: Session, filename: str, fmt_cls: type, fmt: str
 def formatting_line(filename: str, fmt: str, fmt_cls: type, values: dict[str, Any]) -> str:
     """``Formatting 'F', fmt=raw size=N ...``: options in the driver's declaration order."""
     parts = [f"Formatting '{filename}', fmt={fmt}"]
+    values = {**getattr(fmt_cls, "create_shown_defaults", {}), **values}  # what QEMU prints even when not given
     for key, field in _fields(fmt_cls).items():
         if key not in values:
             continue
@@ -144,6 +145,8 @@ def build_options(fmt_cls: type, values: dict[str, Any]) -> Any:
             try:
                 conv(value)
             except ValueError:
+                if getattr(fmt_cls, "create_qapi_enums", False):  # drivers whose create goes through QAPI
+                    raise BlockGraphErrorText(f"Parameter '{key}' does not accept value '{value}'") from None
                 raise BlockGraphErrorText(f"invalid parameter value: {value}") from None
     try:
         return structure(fmt_cls.CreateOptions, values)
