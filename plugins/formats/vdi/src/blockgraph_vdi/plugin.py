@@ -1,3 +1,8 @@
-"""Entry point: registers what this plugin provides, without importing it."""
+"""Entry point: registers the vdi driver by name, without importing it."""
 
-from blockgraph import hookimpl  # noqa: F401
+from blockgraph import hookimpl
+
+
+@hookimpl
+def blockgraph_register_drivers(register):
+    register("blockgraph_vdi.driver:VdiDriver", name="vdi", kind="format", probe=True)
