@@ -84,6 +84,7 @@ class ReqFlags(enum.IntFlag):
     WRITE_UNCHANGED = 0x08
     ZERO_WRITE = 0x10  # a write that came from zero detection or emulated zeroing
     COPY_ON_READ = 0x20
+    WRITE_COMPRESSED = 0x40  # store compressed (img convert -c); cluster-aligned, formats opt in
 
 
 class Status(enum.IntFlag):

@@ -186,7 +186,7 @@ async def create(session: Session, a: Args, out: str, total: int, nsrc: int) -> 
                       "input images")
     if "backing_file" in values and "backing_fmt" not in values:
         raise ImgExit("Use of backing file requires explicit backing format")
-    if a.compressed:
+    if a.compressed and not can_compress(fmt_cls):
         raise ImgExit("Compression not supported for this file format")
     if a.bitmaps:
         raise ImgExit(f"Format driver '{a.out_fmt}' does not support bitmaps")
@@ -216,8 +216,7 @@ async def convert(session: Session, argv: list[str]) -> int:
         sources = await open_sources(session, a, rest[:-1])
         total = sum(s.span for s in sources)
         if a.snapshot is not None:
-            raise ImgExit(f"Failed to load snapshot: snapshots are not supported by format "
-                          f"'{sources[0].blk.node.driver_name}'")
+            total = await load_snapshot(sources, a.snapshot)
         if not a.skip_create:
             same_file_guard(out, [s.blk.node for s in sources], f"{out}: error while converting {a.out_fmt}: ")
             await create(session, a, out, total, len(sources))
@@ -233,6 +232,13 @@ async def convert(session: Session, argv: list[str]) -> int:
             c.target_backing_len = cow.node.length if cow is not None else -1
         lim = target.node.limits
         c.buf_size = min(MAX_BUF, max(BUF_SIZE, lim.opt_transfer, lim.pdiscard_alignment))
+        if a.compressed:
+            if not can_compress(type(target.node.driver)):
+                raise ImgExit("Compression not supported for this file format")
+            c.compress_cluster = int(getattr(target.node.driver, "cluster_size", 0) or SECTOR)
+            c.buf_size = -(-c.buf_size // c.compress_cluster) * c.compress_cluster
+            for s in sources:  # chunks end on target cluster boundaries (both are powers of two)
+                s.align = max(s.align, c.compress_cluster)
         await Copier(sources, target, c, meter).run()
         ok = True
     finally:
@@ -240,6 +246,26 @@ async def convert(session: Session, argv: list[str]) -> int:
             meter.print(100, 0)
         meter.end()
     return 0
+
+
+def can_compress(fmt_cls: type) -> bool:
+    """Whether the format stores compressed clusters (accepts ``WRITE_COMPRESSED`` writes)."""
+    from ..driver import ReqFlags
+
+    return bool(getattr(fmt_cls, "supported_write_flags", ReqFlags.NONE) & ReqFlags.WRITE_COMPRESSED)
+
+
+async def load_snapshot(sources: list[Source], text: str) -> int:
+    """``-l``: convert an internal snapshot of the (single) source instead of its active layer."""
+    from .img_measure import load_snapshot as load
+
+    if len(sources) > 1:
+        raise ImgExit("No support for concatenating multiple snapshot")
+    src = sources[0]
+    await load(src.blk.node, text)
+    src.length = src.blk.getlength()
+    src.span = -(-src.length // SECTOR) * SECTOR
+    return src.span
 
 
 async def open_target(session: Session, a: Args, out: str) -> BlockBackend:

@@ -60,6 +60,7 @@ class CopyOptions:
     target_has_backing: bool = False
     target_backing_len: int = -1
     rate_limit: int = 0
+    compress_cluster: int = 0  # -c: write whole clusters of this size with WRITE_COMPRESSED
 
 
 def pow2floor(n: int) -> int:
@@ -129,8 +130,9 @@ class Copier:
         self.window = asyncio.Semaphore(WRITE_WINDOW if opts.in_order else opts.workers)
         self.allocated = self.allocated_done = 0
         self.error: BaseException | None = None
-        self.gran = max(pow2floor(opts.min_sparse), target.node.limits.request_alignment, SECTOR) \
-            if opts.min_sparse else 0
+        self.gran = max(pow2floor(opts.min_sparse), target.node.limits.request_alignment, SECTOR,
+                        opts.compress_cluster) if opts.min_sparse else 0
+        self.wflags = ReqFlags.WRITE_COMPRESSED if opts.compress_cluster else ReqFlags.NONE
         self.zeros = bytes(self.gran) if self.gran else b""
         self.zero_full = bytes(opts.buf_size) if self.gran else b""
         self.t0 = time.monotonic()
@@ -299,7 +301,7 @@ class Copier:
                 await self.zero(pos, n)
                 return
             if not self.o.min_sparse:
-                await self.target.pwritev(pos, view[:n])
+                await self.target.pwritev(pos, view[:n], self.wflags)
                 self.written += n
                 return
             done = 0
@@ -307,12 +309,12 @@ class Copier:
                 if zs > 0 and ze < n and ze - zs < self.o.min_sparse:
                     continue  # a short zero run between data is written as data (is_allocated_sectors_min)
                 if zs > done:
-                    await self.target.pwritev(pos + done, view[done:zs])
+                    await self.target.pwritev(pos + done, view[done:zs], self.wflags)
                     self.written += zs - done
                 await self.zero(pos + zs, ze - zs)
                 done = ze
             if done < n:
-                await self.target.pwritev(pos + done, view[done:n])
+                await self.target.pwritev(pos + done, view[done:n], self.wflags)
                 self.written += n - done
         except BlockGraphError as e:
             raise ImgExit(f"error while writing at byte {pos}: {getattr(e, 'strerror', e)}") from None
