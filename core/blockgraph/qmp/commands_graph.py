@@ -1,0 +1,116 @@
+"""Changing the graph: blockdev-add, blockdev-del, blockdev-reopen, block_resize, block_set_io_throttle."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import io
+from ..driver import PreallocMode
+from ..log import get_logger
+from ..options import parse_bool
+from ..session import COMMON_KEYS
+from .commands_query import THROTTLE_FIELDS
+from .protocol import DeviceNotFound, QMPError
+from .registry import command
+
+log = get_logger(__name__)
+THROTTLE_MAX = 1_000_000_000_000_000  # QEMU's THROTTLE_VALUE_MAX
+
+
+@command("blockdev-add")
+async def blockdev_add(daemon: Any, args: dict[str, Any]) -> None:
+    await daemon.add_blockdev(args)
+
+
+@command("blockdev-del", {"node-name": "str"})
+async def blockdev_del(daemon: Any, args: dict[str, Any]) -> None:
+    await daemon.delete_blockdev(args["node-name"])
+
+
+def _same_child(node: Any, role: str, value: Any) -> bool:
+    child = node.children.get(role)
+    if isinstance(value, str):
+        return child is not None and child.node.name == value
+    if value is None:
+        return child is None
+    return False
+
+
+@command("blockdev-reopen", {"options": "list"})
+async def blockdev_reopen(daemon: Any, args: dict[str, Any]) -> None:
+    """Each entry names a node and gives its options anew; children must be given by reference."""
+    for opts in args["options"]:
+        if not isinstance(opts, dict):
+            raise QMPError("Invalid parameter type for 'options[0]', expected: object")
+        name = opts.get("node-name")
+        if name is None:
+            raise QMPError("node-name not specified")
+        node = daemon.session.nodes.get(name)
+        if node is None:
+            raise QMPError(f"Cannot find node named '{name}'")
+        if "driver" not in opts:
+            raise QMPError("Parameter 'driver' is missing")
+        if opts["driver"] != node.driver_name:
+            raise QMPError("Cannot change the option 'driver'")
+        for role in ("file", "backing"):
+            if role in opts and not _same_child(node, role, opts[role]):
+                raise QMPError(f"Cannot change the option '{role}'")
+        rest = {k: v for k, v in opts.items() if k not in COMMON_KEYS and k not in ("file", "backing")}
+        try:
+            read_only = parse_bool(opts.get("read-only", False))
+        except ValueError:
+            raise QMPError("Invalid parameter type for 'read-only', expected: boolean") from None
+        await daemon.session.reopen(node, read_only=read_only, options=rest or None)
+
+
+@command("block_resize", {"*device": "str", "*node-name": "str", "size": "int"})
+async def block_resize(daemon: Any, args: dict[str, Any]) -> None:
+    from ..backend import BlockBackend
+
+    node = daemon.lookup(args.get("device"), args.get("node-name"))
+    size = args["size"]
+    if size < 0:
+        raise QMPError("Parameter 'size' expects a >0 size")
+    if node.read_only:
+        raise QMPError("Block node is read-only")
+    # Only the resize permission, shared with everyone, as QEMU's block_resize takes it.
+    blk = BlockBackend(daemon.session, read_only=True, share_all=True, resize=True)
+    blk.insert(node)
+    try:
+        async with io.drained(node):
+            await io.truncate(node, size, False, PreallocMode.OFF)
+    finally:
+        await blk.close()
+
+
+_THROTTLE_ARGS = {"*device": "str", "*id": "str", **{f: "int" for f in THROTTLE_FIELDS},
+                  **{f"*{f}_max": "int" for f in THROTTLE_FIELDS},
+                  **{f"*{f}_max_length": "int" for f in THROTTLE_FIELDS}, "*iops_size": "int", "*group": "str"}
+
+
+@command("block_set_io_throttle", _THROTTLE_ARGS)
+def block_set_io_throttle(daemon: Any, args: dict[str, Any]) -> None:
+    """Store the limits on the backend; they show in query-block. Enforcing them needs the throttle
+    filter (blockgraph-throttle), which does not exist yet."""
+    if ("device" in args) == ("id" in args):
+        raise QMPError("Need exactly one of 'device' and 'id'")
+    name = args.get("device", args.get("id"))
+    blk = daemon.session.backends.get(name)
+    if blk is None:
+        raise DeviceNotFound(f"Device '{name}' not found")
+    if blk.root is None:
+        raise QMPError(f"Device '{name}' has no medium")
+    limits = {k: v for k, v in args.items() if k not in ("device", "id")}
+    for key, value in limits.items():
+        if key != "group" and not 0 <= value <= THROTTLE_MAX:
+            raise QMPError(f"bps/iops/max values must be within [0, {THROTTLE_MAX}]")
+    for kind in ("bps", "iops"):
+        if limits.get(kind) and (limits.get(f"{kind}_rd") or limits.get(f"{kind}_wr")):
+            raise QMPError(f"{kind} and {kind}_rd/{kind}_wr cannot be used at the same time")
+    if not any(limits.get(k) for k in THROTTLE_FIELDS):
+        daemon.throttle.pop(name, None)
+        return
+    limits.setdefault("group", name)
+    daemon.throttle[name] = limits
+    log.warning("throttle_limits_not_enforced", device=name,
+                reason="I/O limits are stored and reported; enforcing them needs blockgraph-throttle")
