@@ -1,0 +1,183 @@
+"""One served export: a BlockBackend plus what the NBD server tells clients about it.
+
+Transmission flags, block sizes, meta contexts and the block status they report
+are computed here from the graph, so the handshake and the request loop stay
+free of block-layer details.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import attrs
+from blockgraph import io
+from blockgraph.backend import BlockBackend
+from blockgraph.driver import Status
+from blockgraph.errors import OptionError
+
+from . import protocol as P
+
+if TYPE_CHECKING:
+    from blockgraph.node import Node
+    from blockgraph.session import Session
+
+TF = P.TransmissionFlag
+ID_BASE_ALLOCATION = 0
+ID_ALLOCATION_DEPTH = 1
+ID_FIRST_BITMAP = 2
+MAX_EXTENTS = 65536  # per BLOCK_STATUS chunk (proto.md allows 2^20; fewer keeps one reply small)
+NO_BITMAPS = "blockgraph has no dirty bitmaps yet"
+
+
+@attrs.define(eq=False)
+class NbdExport:
+    """What one export name serves. ``multi_conn`` is decided by the server's connection limit."""
+
+    name: str
+    blk: BlockBackend
+    description: str = ""
+    writable: bool = False
+    allocation_depth: bool = False
+    bitmaps: tuple[str, ...] = ()
+    multi_conn: bool = True
+    id: str = ""
+    node_name: str = ""
+    shutting_down: bool = False
+    clients: set[Any] = attrs.Factory(set)
+
+    type = "nbd"
+
+    # ------------------------------------------------------------ what clients are told
+
+    def size(self) -> int:
+        return self.blk.getlength()
+
+    def flags(self, structured: bool) -> int:
+        """Transmission flags as qemu-nbd computes them; DF only once structured replies are on."""
+        f = TF.HAS_FLAGS | TF.SEND_FLUSH | TF.SEND_FUA | TF.SEND_CACHE
+        if self.writable:
+            f |= TF.SEND_TRIM | TF.SEND_WRITE_ZEROES | TF.SEND_FAST_ZERO
+        else:
+            f |= TF.READ_ONLY
+        if self.multi_conn:
+            # Every connection shares this one BlockBackend: a flush on any of them covers all writes.
+            f |= TF.CAN_MULTI_CONN
+        if structured:
+            f |= TF.SEND_DF
+        return int(f)
+
+    def block_sizes(self) -> tuple[int, int, int]:
+        """(minimum, preferred, maximum payload) from the node's limits (qemu's nbd_negotiate_handle_info)."""
+        lim = self.blk.node.limits
+        minimum = max(lim.request_alignment, 1)
+        preferred = max(minimum, 4096)
+        maximum = max(min(lim.max_transfer or P.MAX_BUFFER, P.MAX_BUFFER), preferred)
+        return minimum, preferred, maximum
+
+    def contexts(self) -> list[tuple[int, str]]:
+        """Every meta context this export offers, with the fixed ids qemu-nbd uses."""
+        out = [(ID_BASE_ALLOCATION, P.CONTEXT_BASE_ALLOCATION)]
+        if self.allocation_depth:
+            out.append((ID_ALLOCATION_DEPTH, P.CONTEXT_ALLOCATION_DEPTH))
+        out += [(ID_FIRST_BITMAP + i, P.CONTEXT_DIRTY_BITMAP_PREFIX + b) for i, b in enumerate(self.bitmaps)]
+        return out
+
+    def match_contexts(self, queries: list[str], listing: bool) -> list[tuple[int, str]]:
+        """The contexts that ``queries`` select; namespace-only queries count for LIST only (as QEMU)."""
+        available = self.contexts()
+        if not queries:
+            return available if listing else []
+        chosen: set[int] = set()
+        for q in queries:
+            for cid, cname in available:
+                if q == cname:
+                    chosen.add(cid)
+                elif listing and q in ("base:", "qemu:", P.CONTEXT_DIRTY_BITMAP_PREFIX):
+                    if cname.startswith(q):
+                        chosen.add(cid)
+        return [(cid, cname) for cid, cname in available if cid in chosen]
+
+    # ------------------------------------------------------------ block status
+
+    async def extents(self, context_id: int, offset: int, length: int, one: bool) -> list[tuple[int, int]]:
+        """``[(length, flags)]`` covering ``[offset, offset+length)`` (just the first with REQ_ONE)."""
+        if context_id == ID_BASE_ALLOCATION:
+            status = self._allocation
+        elif context_id == ID_ALLOCATION_DEPTH:
+            status = self._depth
+        else:
+            raise OptionError(f"meta context {context_id}: {NO_BITMAPS}")
+        out: list[tuple[int, int]] = []
+        end = offset + length
+        while offset < end:
+            n, value = await status(offset, end - offset)
+            if n <= 0:
+                break
+            if out and out[-1][1] == value:
+                out[-1] = (out[-1][0] + n, value)
+            elif len(out) >= MAX_EXTENTS:
+                break
+            else:
+                out.append((n, value))
+            offset += n
+            if one:
+                break
+        return out
+
+    async def _allocation(self, offset: int, length: int) -> tuple[int, int]:
+        st, _depth = await io.block_status_above(self.blk.node, offset, length, None, True)
+        flags = 0
+        if not st.flags & Status.DATA:
+            flags |= P.STATE_HOLE
+        # Unallocated through the whole chain reads as zeros, whatever the bottom layer says.
+        if st.flags & Status.ZERO or not st.flags & Status.ALLOCATED:
+            flags |= P.STATE_ZERO
+        return st.length, flags
+
+    async def _depth(self, offset: int, length: int) -> tuple[int, int]:
+        st, depth = await io.block_status_above(self.blk.node, offset, length, None, False)
+        return st.length, depth + 1 if st.flags & Status.ALLOCATED else 0
+
+    async def read_map(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """``[(offset, length, zero)]`` for a sparse READ reply: zero runs become OFFSET_HOLE chunks."""
+        out: list[tuple[int, int, bool]] = []
+        end = offset + length
+        pos = offset
+        while pos < end:
+            n, flags = await self._allocation(pos, end - pos)
+            if n <= 0:
+                out.append((pos, end - pos, False))
+                break
+            zero = bool(flags & P.STATE_ZERO)
+            if out and out[-1][2] == zero:
+                o, m, _ = out[-1]
+                out[-1] = (o, m + n, zero)
+            else:
+                out.append((pos, n, zero))
+            pos += n
+        return out
+
+    # ------------------------------------------------------------ life cycle
+
+    async def close(self) -> None:
+        await self.blk.close()
+
+    def info(self) -> dict[str, Any]:
+        """QMP's BlockExportInfo."""
+        return {"id": self.id, "type": "nbd", "node-name": self.node_name, "shutting-down": self.shutting_down}
+
+
+async def new_export(session: Session, node: Node, *, name: str, description: str = "", writable: bool = False,
+                     writethrough: bool = False, allocation_depth: bool = False, bitmaps: tuple[str, ...] = (),
+                     export_id: str = "") -> NbdExport:
+    """Attach a BlockBackend to ``node`` (sharing everything, as QEMU's exports do) and describe it."""
+    for bitmap in bitmaps:
+        raise OptionError(f"Bitmap '{bitmap}' is not found ({NO_BITMAPS})")
+    if len(name.encode()) > P.MAX_STRING:
+        raise OptionError(f"export name '{name}' too long")
+    if len(description.encode()) > P.MAX_STRING:
+        raise OptionError(f"export description '{description}' too long")
+    blk = await BlockBackend.attach_new(session, node, read_only=not writable, share_all=True,
+                                        write_cache=not writethrough)
+    return NbdExport(name=name, blk=blk, description=description, writable=writable,
+                     allocation_depth=allocation_depth, id=export_id or name, node_name=node.name)
