@@ -1,3 +1,8 @@
-"""Entry point: registers what this plugin provides, without importing it."""
+"""Entry point: registers the driver by name, without importing it."""
 
-from blockgraph import hookimpl  # noqa: F401
+from blockgraph import hookimpl
+
+
+@hookimpl
+def blockgraph_register_drivers(register):
+    register("blockgraph_vmdk.driver:VmdkDriver", name="vmdk", kind="format", probe=True)

@@ -1,0 +1,480 @@
+"""Sparse extents: grain directory -> grain tables -> grains, with the redundant copy, zeroed and compressed grains.
+
+Writes keep a crash-safe order: grain data first (always at the end of the
+file, so an interrupted allocation can only leave an unreferenced grain), then
+the grain table entries (primary, then redundant), then a directory entry when
+a new grain table had to be made. Compressed (streamOptimized) extents append
+each grain as a marker; a partly written grain is assembled in memory and
+appended when the writer moves on, flushes or closes, and a footer and an
+end-of-stream marker are written at close.
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+import zlib
+from array import array
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .extent import COMPRESSED, DATA, SPARSE, UNALLOC, ZEROED, Extent
+from .format import (
+    FLAG_MARKER,
+    FLAG_ZERO_GRAIN,
+    GTE_ZEROED,
+    MARKER_EOS,
+    MARKER_FOOTER,
+    MAX_EXTENT_SECTORS,
+    SECTOR,
+    SparseHeader,
+    marker,
+    parse_marker,
+)
+
+GT_CACHE = 64  # grain tables kept in memory per extent (each 2 KiB with 512 entries)
+GRAIN_CACHE = 4  # decompressed grains kept per compressed extent
+BaseReader = Callable[[int, memoryview], Awaitable[None]]  # (virtual offset, buf): backing data or zeros
+
+
+def _le32(raw: bytes | bytearray | memoryview) -> array:
+    table = array("I")
+    table.frombytes(bytes(raw))
+    if sys.byteorder != "little":
+        table.byteswap()
+    return table
+
+
+def _le32_bytes(table: array) -> bytes:
+    if sys.byteorder != "little":
+        table = array("I", table)
+        table.byteswap()
+    return table.tobytes()
+
+
+class SparseExtent(Extent):
+    kind = SPARSE
+
+    def __init__(self, *, header: SparseHeader, gd_offset: int, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.hdr = header
+        self.grain = header.granularity * SECTOR
+        self.gtes = header.num_gtes_per_gt
+        self.gt_span = self.gtes * self.grain
+        self.gd_offset = gd_offset  # sectors, the directory actually used (footer or header)
+        self.compressed = header.compressed
+        self.markers = bool(header.flags & FLAG_MARKER) and not header.cowd
+        self.zero_grain = bool(header.flags & FLAG_ZERO_GRAIN) and not header.cowd
+        self.gd = array("I")
+        self.rgd: array | None = None
+        self.gt_cache: OrderedDict[int, array] = OrderedDict()
+        self.grain_cache: OrderedDict[int, bytes] = OrderedDict()
+        self.pending: tuple[int, bytearray] | None = None  # compressed grain being assembled
+        self.next_sector = 0
+        self.appended = False  # compressed grains were appended: write a footer at close
+
+    # ------------------------------------------------------------ opening
+
+    async def load(self, writable: bool) -> None:
+        """Read the directories; the caller has validated the header."""
+        flen = self.child.getlength()
+        n = self.hdr.gd_entries
+        self.gd = await self._read_dir(self.gd_offset, n, flen, "l1 table")
+        if self.hdr.rgd_offset and self.hdr.flags & 2 and not self.hdr.cowd:
+            self.rgd = await self._read_dir(self.hdr.rgd_offset, n, flen, "l1 backup table")
+        sectors = (flen + SECTOR - 1) // SECTOR
+        if self.compressed:
+            self.next_sector = max(sectors, self.hdr.grain_offset)
+            if writable:
+                self.next_sector = await self._before_footer(sectors)
+        else:
+            g = self.hdr.granularity
+            self.next_sector = (sectors + g - 1) // g * g
+
+    async def _read_dir(self, sector: int, n: int, flen: int, what: str) -> array:
+        off, size = sector * SECTOR, n * 4
+        if off + size > flen:
+            raise self._open_error(f"Could not read {what} from extent '{self.filename}': {n} entries at "
+                                   f"offset {off} lie beyond the end of the file ({flen} bytes)")
+        buf = bytearray(size)
+        await self.child.preadv(off, memoryview(buf))
+        return _le32(buf)
+
+    async def _before_footer(self, sectors: int) -> int:
+        """Where the next compressed grain goes: over a footer + end-of-stream we wrote before, else at the end."""
+        if sectors < 3 or self.child.getlength() % SECTOR:
+            return sectors
+        tail = bytearray(3 * SECTOR)
+        await self.child.preadv((sectors - 3) * SECTOR, memoryview(tail))
+        if parse_marker(tail)[1:] == (0, MARKER_FOOTER) and tail[SECTOR:SECTOR + 4] == b"KDMV" and \
+                not any(tail[2 * SECTOR:2 * SECTOR + 16]):
+            return max(sectors - 3, self.hdr.grain_offset)
+        return sectors
+
+    def _open_error(self, msg: str) -> Exception:
+        from blockgraph.errors import OpenError
+
+        return OpenError(msg)
+
+    # ------------------------------------------------------------ tables
+
+    def _where(self, rel: int) -> tuple[int, int]:
+        return rel // self.gt_span, rel // self.grain % self.gtes
+
+    async def _gt(self, gd_i: int, op: str, voff: int) -> tuple[int, array] | None:
+        """(sector, table) of grain table ``gd_i``, or None when the directory has no table there."""
+        if gd_i >= len(self.gd):
+            raise self.io_error(errno.EIO, op, voff, 0, f"grain directory of '{self.filename}' has no entry {gd_i}")
+        sector = self.gd[gd_i]
+        if not sector:
+            return None
+        table = self.gt_cache.get(sector)
+        if table is not None:
+            self.gt_cache.move_to_end(sector)
+            return sector, table
+        size = self.gtes * 4
+        off = sector * SECTOR
+        if off + size > self.child.getlength():
+            raise self.io_error(errno.EIO, op, voff, 0, f"grain table {gd_i} of '{self.filename}' at offset {off} "
+                                                        f"lies beyond the end of the file")
+        buf = bytearray(size)
+        await self.child.preadv(off, memoryview(buf))
+        table = _le32(buf)
+        self.gt_cache[sector] = table
+        if len(self.gt_cache) > GT_CACHE:
+            self.gt_cache.popitem(last=False)
+        return sector, table
+
+    def _state(self, gte: int) -> str:
+        if not gte:
+            return UNALLOC
+        if gte == GTE_ZEROED and self.zero_grain:
+            return ZEROED
+        return COMPRESSED if self.compressed else DATA
+
+    async def lookup(self, rel: int, op: str = "read") -> tuple[str, int]:
+        """(state, host offset of the grain) for the grain holding ``rel``."""
+        gd_i, gt_i = self._where(rel)
+        if self.pending is not None and self.pending[0] == rel // self.grain:
+            return DATA, -1
+        found = await self._gt(gd_i, op, self.start + rel)
+        if found is None:
+            return UNALLOC, 0
+        gte = found[1][gt_i]
+        return self._state(gte), gte * SECTOR
+
+    async def status(self, rel: int, length: int) -> tuple[str, int | None, int]:
+        """(state, host offset or None, bytes) of the run of like grains at ``rel``, within one grain table."""
+        in_grain = rel % self.grain
+        n = min(length, self.grain - in_grain)
+        if self.pending is not None and self.pending[0] == rel // self.grain:
+            return COMPRESSED, None, n  # assembled in memory, not yet appended
+        gd_i, gt_i = self._where(rel)
+        found = await self._gt(gd_i, "block_status", self.start + rel)
+        if found is None:
+            return UNALLOC, None, min(length, (gd_i + 1) * self.gt_span - rel)
+        table = found[1]
+        state = self._state(table[gt_i])
+        host = table[gt_i] * SECTOR
+        expect = host + self.grain
+        i = gt_i + 1
+        while n < length and i < self.gtes:
+            if self.pending is not None and self.pending[0] == (rel + n) // self.grain:
+                break
+            s = self._state(table[i])
+            if s != state or (state == DATA and table[i] * SECTOR != expect):
+                break
+            n = min(length, n + self.grain)
+            expect += self.grain
+            i += 1
+        return state, (host + in_grain if state == DATA else None), n
+
+    async def _set_gtes(self, updates: dict[int, dict[int, int]], voff: int) -> None:
+        """Write new entries (gd index -> {gt index: value}) to the grain table and its redundant copy."""
+        for gd_i, entries in updates.items():
+            found = await self._gt(gd_i, "write", voff)
+            assert found is not None  # allocated by _ensure_gt before any grain was placed
+            sector, table = found
+            lo, hi = min(entries), max(entries)
+            new = array("I", table[lo:hi + 1])
+            for i, v in entries.items():
+                new[i - lo] = v
+            raw = _le32_bytes(new)
+            await self.child.pwritev(sector * SECTOR + lo * 4, memoryview(raw))
+            if self.rgd is not None and gd_i < len(self.rgd) and self.rgd[gd_i]:
+                await self.child.pwritev(self.rgd[gd_i] * SECTOR + lo * 4, memoryview(raw))
+            table[lo:hi + 1] = new
+
+    async def _ensure_gt(self, gd_i: int, voff: int) -> None:
+        """Make grain table ``gd_i`` (and its redundant copy) when the directory has none: tables, then GD."""
+        if gd_i >= len(self.gd):
+            raise self.io_error(errno.EIO, "write", voff, 0, f"grain directory of '{self.filename}' has no "
+                                                             f"entry {gd_i}")
+        if self.gd[gd_i]:
+            return
+        size = self.gtes * 4
+        copies = 2 if self.rgd is not None else 1
+        sectors = (size + SECTOR - 1) // SECTOR
+        at = self._alloc(copies * sectors * SECTOR, "write", voff)
+        await self.child.pwritev(at * SECTOR, memoryview(bytes(copies * sectors * SECTOR)))
+        entry = bytearray(4)
+        entry[:] = at.to_bytes(4, "little")
+        await self.child.pwritev(self.gd_offset * SECTOR + gd_i * 4, memoryview(entry))
+        self.gd[gd_i] = at
+        if self.rgd is not None:
+            entry[:] = (at + sectors).to_bytes(4, "little")
+            await self.child.pwritev(self.hdr.rgd_offset * SECTOR + gd_i * 4, memoryview(entry))
+            self.rgd[gd_i] = at + sectors
+
+    def _alloc(self, nbytes: int, op: str, voff: int) -> int:
+        """Sectors for ``nbytes`` at the end of the file (whole grains unless compressed)."""
+        at = self.next_sector
+        sectors = (nbytes + SECTOR - 1) // SECTOR
+        if not self.compressed:
+            g = self.hdr.granularity
+            sectors = (sectors + g - 1) // g * g
+        if at + sectors > MAX_EXTENT_SECTORS:
+            raise self.io_error(errno.ENOSPC, op, voff, nbytes, f"extent '{self.filename}' is full (2 TiB)")
+        self.next_sector = at + sectors
+        return at
+
+    # ------------------------------------------------------------ reading
+
+    async def read(self, rel: int, buf: memoryview, base: BaseReader) -> None:
+        done = 0
+        while done < len(buf):
+            pos = rel + done
+            in_grain = pos % self.grain
+            n = min(len(buf) - done, self.grain - in_grain)
+            piece = buf[done:done + n]
+            state, host = await self.lookup(pos)
+            if host == -1:
+                piece[:] = memoryview(self.pending[1])[in_grain:in_grain + n]
+            elif state == UNALLOC:
+                await base(self.start + pos, piece)
+            elif state == ZEROED:
+                piece[:] = bytes(n)
+            elif state == COMPRESSED:
+                grain = await self._grain(host, pos)
+                if in_grain + n > len(grain):
+                    raise self.io_error(errno.EIO, "read", self.start + pos, n,
+                                        f"compressed grain at offset {host} of '{self.filename}' is short")
+                piece[:] = memoryview(grain)[in_grain:in_grain + n]
+            else:
+                await self._read_host(host + in_grain, piece, pos)
+            done += n
+
+    async def _read_host(self, host: int, piece: memoryview, pos: int) -> None:
+        flen = self.child.getlength()
+        if host >= flen:
+            raise self.io_error(errno.EIO, "read", self.start + pos, len(piece),
+                                f"grain at offset {host} of '{self.filename}' lies beyond the end of the file")
+        avail = min(len(piece), flen - host)
+        await self.child.preadv(host, piece[:avail])
+        if avail < len(piece):
+            piece[avail:] = bytes(len(piece) - avail)
+
+    async def _grain(self, host: int, pos: int) -> bytes:
+        """The decompressed grain whose marker (or zlib stream) starts at ``host``."""
+        cached = self.grain_cache.get(host)
+        if cached is not None:
+            self.grain_cache.move_to_end(host)
+            return cached
+        flen = self.child.getlength()
+        voff = self.start + pos - pos % self.grain
+
+        def bad(why: str) -> Exception:
+            return self.io_error(errno.EIO, "read", voff, self.grain,
+                                 f"compressed grain at offset {host} of '{self.filename}' {why}")
+
+        if host >= flen:
+            raise bad("lies beyond the end of the file")
+        head = 12 if self.markers else 0
+        want = min(flen - host, head + self.grain + SECTOR if self.markers else 2 * self.grain)
+        raw = bytearray(want)
+        await self.child.preadv(host, memoryview(raw))
+        size = len(raw) - head
+        if self.markers:
+            size = parse_marker(raw)[1]
+            if not 0 < size <= 2 * self.grain:
+                raise bad(f"has an invalid size {size}")
+            if head + size > len(raw):
+                if host + head + size > flen:
+                    raise bad("lies beyond the end of the file")
+                more = bytearray(head + size - len(raw))
+                await self.child.preadv(host + len(raw), memoryview(more))
+                raw += more
+        d = zlib.decompressobj()
+        try:
+            data = d.decompress(memoryview(raw)[head:head + size], self.grain)
+        except zlib.error as e:
+            raise bad(f"does not decompress ({e})") from None
+        self.grain_cache[host] = data
+        if len(self.grain_cache) > GRAIN_CACHE:
+            self.grain_cache.popitem(last=False)
+        return data
+
+    # ------------------------------------------------------------ writing
+
+    async def write(self, rel: int, buf: memoryview, base: BaseReader, flags: Any) -> None:
+        if self.compressed:
+            await self._write_compressed(rel, buf, base)
+            return
+        updates: dict[int, dict[int, int]] = {}
+        run_at, run = -1, []  # contiguous host writes gathered into one request
+        done = 0
+        while done < len(buf):
+            pos = rel + done
+            in_grain = pos % self.grain
+            n = min(len(buf) - done, self.grain - in_grain, self.length - pos)
+            piece = buf[done:done + n]
+            state, host = await self.lookup(pos, "write")
+            if state == DATA:
+                seg_at, seg = host + in_grain, piece
+            else:
+                gd_i, gt_i = self._where(pos)
+                await self._ensure_gt(gd_i, self.start + pos)
+                grain_len = min(self.grain, self.length - (pos - in_grain))
+                at = self._alloc(self.grain, "write", self.start + pos) * SECTOR
+                if in_grain == 0 and n == grain_len:
+                    seg = piece
+                else:
+                    whole = bytearray(grain_len)
+                    if state == UNALLOC:
+                        await base(self.start + pos - in_grain, memoryview(whole))
+                    whole[in_grain:in_grain + n] = piece
+                    seg = memoryview(whole)
+                seg_at = at + (in_grain if seg is piece else 0)
+                updates.setdefault(gd_i, {})[gt_i] = at // SECTOR
+            if run and run_at + sum(len(s) for s in run) == seg_at:
+                run.append(seg)
+            else:
+                await self._flush_run(run_at, run)
+                run_at, run = seg_at, [seg]
+            done += n
+        await self._flush_run(run_at, run)
+        if updates:
+            await self._set_gtes(updates, self.start + rel)
+
+    async def _flush_run(self, at: int, run: list[memoryview]) -> None:
+        if not run:
+            return
+        data = run[0] if len(run) == 1 else memoryview(b"".join(run))
+        await self.child.pwritev(at, data)
+
+    async def _write_compressed(self, rel: int, buf: memoryview, base: BaseReader) -> None:
+        if not self.markers:
+            raise self.io_error(errno.ENOTSUP, "write", self.start + rel, len(buf),
+                                f"compressed extent '{self.filename}' has no grain markers; it can only be read")
+        done = 0
+        while done < len(buf):
+            pos = rel + done
+            in_grain = pos % self.grain
+            index = pos // self.grain
+            grain_len = min(self.grain, self.length - (pos - in_grain))
+            n = min(len(buf) - done, grain_len - in_grain)
+            piece = buf[done:done + n]
+            if self.pending is not None and self.pending[0] == index:
+                self.pending[1][in_grain:in_grain + n] = piece
+            else:
+                await self.commit()
+                if in_grain == 0 and n == grain_len:
+                    await self._append(index, piece)
+                else:
+                    whole = bytearray(grain_len)
+                    await self.read(pos - in_grain, memoryview(whole), base)
+                    whole[in_grain:in_grain + n] = piece
+                    self.pending = (index, whole)
+            done += n
+            if self.pending is not None and self.pending[0] == index and in_grain + n == grain_len:
+                await self.commit()  # a sequential writer has finished this grain
+
+    async def commit(self) -> None:
+        """Append the grain being assembled, if any."""
+        if self.pending is not None:
+            index, whole = self.pending
+            await self._append(index, memoryview(whole))
+            self.pending = None
+
+    async def _append(self, index: int, data: memoryview) -> None:
+        pos = index * self.grain
+        gd_i, gt_i = self._where(pos)
+        await self._ensure_gt(gd_i, self.start + pos)
+        comp = zlib.compress(data)
+        rec = marker(pos // SECTOR, len(comp)) + comp
+        rec += bytes(-len(rec) % SECTOR)
+        at = self._alloc(len(rec), "write", self.start + pos)
+        await self.child.pwritev(at * SECTOR, memoryview(rec))
+        self.appended = True
+        await self._set_gtes({gd_i: {gt_i: at}}, self.start + pos)
+
+    async def write_zeroes(self, rel: int, length: int, has_backing: bool, dry_run: bool) -> bool:
+        """Zero whole grains through zeroed-grain entries, or skip grains that already read as zeros."""
+        updates: dict[int, dict[int, int]] = {}
+        done = 0
+        while done < length:
+            pos = rel + done
+            in_grain = pos % self.grain
+            grain_len = min(self.grain, self.length - (pos - in_grain))
+            n = min(length - done, grain_len - in_grain)
+            state, host = await self.lookup(pos, "write")
+            whole = in_grain == 0 and n == grain_len
+            if host == -1:
+                return False
+            if state == ZEROED or (state == UNALLOC and not has_backing):
+                pass
+            elif whole and self.zero_grain:
+                gd_i, gt_i = self._where(pos)
+                if not dry_run:
+                    await self._ensure_gt(gd_i, self.start + pos)
+                updates.setdefault(gd_i, {})[gt_i] = GTE_ZEROED
+            else:
+                return False
+            done += n
+        if updates and not dry_run:
+            await self._set_gtes(updates, self.start + rel)
+        return True
+
+    async def close(self) -> None:
+        """Append the last assembled grain, then footer and end-of-stream after appended grains."""
+        await self.commit()
+        if not self.appended:
+            return
+        hdr = self.hdr
+        footer_hdr = SparseHeader(hdr.version, hdr.flags, hdr.capacity, hdr.granularity, hdr.desc_offset,
+                                  hdr.desc_size, hdr.num_gtes_per_gt, hdr.rgd_offset, self.gd_offset,
+                                  hdr.grain_offset, hdr.compress_algorithm)
+        tail = marker(1, 0, MARKER_FOOTER) + footer_hdr.pack() + marker(0, 0, MARKER_EOS)
+        at = self.next_sector
+        await self.child.pwritev(at * SECTOR, memoryview(tail))
+        self.appended = False
+
+    # ------------------------------------------------------------ check
+
+    async def check(self, messages: list[str]) -> bool:
+        """QEMU's vmdk_co_check for this extent: every grain lies inside the file. False on the first problem."""
+        flen = self.child.getlength()
+        for gd_i in range(len(self.gd)):
+            first = gd_i * self.gt_span
+            if first >= self.length:
+                break
+            try:
+                found = await self._gt(gd_i, "check", self.start + first)
+            except Exception:
+                messages.append(f"ERROR: could not get cluster_offset for sector {(self.start + first) // SECTOR}")
+                return False
+            if found is None:
+                continue
+            table = found[1]
+            for gt_i in range(self.gtes):
+                pos = first + gt_i * self.grain
+                if pos >= self.length:
+                    break
+                gte = table[gt_i]
+                if self._state(gte) in (DATA, COMPRESSED) and gte * SECTOR >= flen:
+                    messages.append(f"ERROR: cluster offset for sector {(self.start + pos) // SECTOR} "
+                                    f"points after EOF")
+                    return False
+        return True
+
