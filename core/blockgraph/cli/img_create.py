@@ -190,8 +190,11 @@ async def _create(session: Session, filename: str, fmt: str, options: str | None
     backing = values.get("backing_file", backing)
     if backing and not unsafe:
         try:
-            node = await open_node(session, backing, fmt=values.get("backing_fmt"), read_only=True,
-                                   force_share=True)
+            from ..backing import full_backing_filename
+
+            # Relative to the new image, as the image will name it (bdrv_get_full_backing_filename_from_filename).
+            node = await open_node(session, full_backing_filename(filename, backing, session.registry),
+                                   fmt=values.get("backing_fmt"), read_only=True, force_share=True)
         except ImgExit as e:
             reason = e.lines[0].split(": ", 1)[-1] if e.lines else ""
             raise BlockGraphErrorText(f"Could not open '{backing}': {reason}\nCould not open backing image.") \

@@ -79,3 +79,6 @@ class ClusterType:
     NORMAL = 3  # data at a host offset
     COMPRESSED = 4  # compressed data at a host byte offset
     UNALLOCATED_ALLOC = 5  # extended L2: host cluster exists but this subcluster reads from backing
+    # Only from ``Image.lookup(..., for_write=True)``: allocated, but shared (refcount > 1, no COPIED flag).
+    NORMAL_SHARED = 6
+    ZERO_ALLOC_SHARED = 7

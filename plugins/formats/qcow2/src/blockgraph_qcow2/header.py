@@ -250,7 +250,9 @@ class Header:
                             self.refcount_order, hlen)
             out += bytes([self.compression_type]) + bytes(7) + self.extra_fields
             out += bytes(hlen - len(out))
-        for e in self.extensions:
+        known = (EXT_BACKING_FORMAT, EXT_DATA_FILE, EXT_CRYPTO, EXT_FEATURE_TABLE, EXT_BITMAPS)
+        exts = sorted(self.extensions, key=lambda e: known.index(e.type) if e.type in known else len(known))
+        for e in exts:
             out += struct.pack(">II", e.type, len(e.data)) + e.data + bytes(-len(e.data) % 8)
         out += bytes(8)  # end of extensions
         if self.backing_file:

@@ -42,6 +42,10 @@ if TYPE_CHECKING:
 
 _Q = struct.Struct(">Q")
 _QQ = struct.Struct(">QQ")
+_SHARED = {ClusterType.NORMAL: ClusterType.NORMAL_SHARED, ClusterType.ZERO_ALLOC: ClusterType.ZERO_ALLOC_SHARED,
+           ClusterType.UNALLOCATED_ALLOC: ClusterType.NORMAL_SHARED}
+_HOSTED = (ClusterType.NORMAL, ClusterType.ZERO_ALLOC, ClusterType.NORMAL_SHARED, ClusterType.ZERO_ALLOC_SHARED,
+           ClusterType.UNALLOCATED_ALLOC)
 
 
 @attrs.frozen(slots=True)
@@ -155,8 +159,11 @@ class Image:
             return ClusterType.NORMAL, off
         return ClusterType.UNALLOCATED, 0
 
-    async def lookup(self, offset: int, length: int) -> Mapping:
-        """The mapping of ``[offset, offset+length)`` up to the first change of type or host contiguity."""
+    async def lookup(self, offset: int, length: int, for_write: bool = False) -> Mapping:
+        """The mapping of ``[offset, offset+length)`` up to the first change of type or host contiguity.
+
+        ``for_write`` tells shared clusters apart (NORMAL_SHARED / ZERO_ALLOC_SHARED: no COPIED flag).
+        """
         sc_size = self.sc_size
         ci = offset >> self.cbits
         l1i = ci >> self.l2_bits
@@ -172,6 +179,8 @@ class Image:
         entry, bitmap = self.l2_get(table, i)
         sc = in_cluster // sc_size if self.extl2 else 0
         typ, host = self.classify(entry, bitmap, sc)
+        if for_write and not entry & OFLAG_COPIED:
+            typ = _SHARED.get(typ, typ)
         if typ == ClusterType.COMPRESSED:
             return Mapping(typ, entry, min(length, self.cs - in_cluster))
         start_host = host + in_cluster
@@ -190,10 +199,12 @@ class Image:
                 t2, h2 = self.classify(entry, bitmap, 0)
                 if t2 == ClusterType.COMPRESSED:
                     break
+                if for_write and not entry & OFLAG_COPIED:
+                    t2 = _SHARED.get(t2, t2)
                 self._check_host(t2, h2, entry)
             if t2 != typ:
                 break
-            if typ in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC) and h2 != host + (pos_c << self.cbits):
+            if h2 != host + (pos_c << self.cbits) and typ in _HOSTED:
                 break
             got += sc_size if self.extl2 else self.cs
         return Mapping(typ, start_host, min(length, got))

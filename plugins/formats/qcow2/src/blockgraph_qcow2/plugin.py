@@ -1,3 +1,8 @@
 """Entry point: registers what this plugin provides, without importing it."""
 
-from blockgraph import hookimpl  # noqa: F401
+from blockgraph import hookimpl
+
+
+@hookimpl
+def blockgraph_register_drivers(register):
+    register("blockgraph_qcow2.driver:Qcow2Driver", name="qcow2", kind="format", probe=True)

@@ -1,0 +1,383 @@
+"""Internal snapshots (docs/interop/qcow2.txt "Snapshots"; QEMU's qcow2-snapshot.c).
+
+The snapshot table is read at open (``load_snapshots``) and replaced as a whole: a new table is written
+to fresh clusters, flushed, then ``nb_snapshots`` and ``snapshots_offset`` are switched in one header
+write and the old table freed. Creating a snapshot copies the active L1 table and adds one reference to
+every L2 table and data cluster it reaches (clearing their COPIED flags); applying one takes references
+for its L1, writes it over the active L1 and drops the old one's references; deleting drops the
+snapshot's references and frees its L1. COPIED flags are recomputed from the refcounts each time.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from typing import TYPE_CHECKING, Any
+
+import attrs
+from blockgraph.driver import SnapshotInfo
+from blockgraph.errors import BlockIOError, ImageCorrupt
+
+from .constants import (
+    L1E_OFFSET_MASK,
+    L2E_OFFSET_MASK,
+    MAX_L1_BYTES,
+    MAX_SNAPSHOTS,
+    OFLAG_COPIED,
+    ClusterType,
+)
+
+if TYPE_CHECKING:
+    from .image import Image
+
+_ENTRY = struct.Struct(">QIHHIIQII")  # 40 bytes: l1 offset .. extra_data_size
+_EXTRA = struct.Struct(">QQQ")  # vm_state_size_large, disk_size, icount
+MAX_EXTRA_DATA = 1024
+MAX_TABLE_BYTES = 64 << 20
+
+
+@attrs.define
+class Snapshot:
+    l1_table_offset: int
+    l1_size: int
+    id: str
+    name: str
+    date_sec: int = 0
+    date_nsec: int = 0
+    vm_clock_nsec: int = 0
+    vm_state_size: int = 0
+    disk_size: int = 0
+    icount: int = -1
+    extra_data_size: int = _EXTRA.size
+    unknown_extra: bytes = b""
+
+    def info(self) -> SnapshotInfo:
+        return SnapshotInfo(id=self.id, name=self.name, vm_state_size=self.vm_state_size, date_sec=self.date_sec,
+                            date_nsec=self.date_nsec, vm_clock_nsec=self.vm_clock_nsec,
+                            icount=None if self.icount in (-1, (1 << 64) - 1) else self.icount,
+                            disk_size=self.disk_size)
+
+
+def pack_table(snaps: list[Snapshot]) -> bytes:
+    out = bytearray()
+    for sn in snaps:
+        out += bytes(-len(out) % 8)
+        ident, name = sn.id.encode(), sn.name.encode()
+        extra_size = max(_EXTRA.size, sn.extra_data_size)
+        vm32 = sn.vm_state_size if sn.vm_state_size <= 0xFFFFFFFF else 0
+        out += _ENTRY.pack(sn.l1_table_offset, sn.l1_size, len(ident), len(name), sn.date_sec, sn.date_nsec,
+                           sn.vm_clock_nsec, vm32, extra_size)
+        out += _EXTRA.pack(sn.vm_state_size, sn.disk_size, sn.icount & ((1 << 64) - 1))
+        out += sn.unknown_extra[:extra_size - _EXTRA.size].ljust(extra_size - _EXTRA.size, b"\0")
+        out += ident + name
+    if len(out) > MAX_TABLE_BYTES:
+        raise BlockIOError(errno.EFBIG, op="snapshot", detail="Snapshot table is too big")
+    return bytes(out)
+
+
+async def read_table(img: Image, repair: bool = False, messages: list[str] | None = None) -> tuple[list[Snapshot], int]:
+    """The snapshot table as stored, and its size in bytes; ImageCorrupt on anything out of bounds."""
+    h = img.h
+    if not h.nb_snapshots:
+        return [], 0
+    if h.nb_snapshots > MAX_SNAPSHOTS:
+        raise ImageCorrupt("Too many snapshots", node=img.node_name or None)
+    if h.snapshots_offset % img.cs or not h.snapshots_offset:
+        raise ImageCorrupt("Snapshot table offset invalid", node=img.node_name or None, offset=h.snapshots_offset)
+    flen = img.file.getlength()
+    snaps: list[Snapshot] = []
+    off = h.snapshots_offset
+    start = off
+    for i in range(h.nb_snapshots):
+        off += -(off - start) % 8
+        head = await _read(img, off, _ENTRY.size, flen)
+        l1_off, l1_size, id_len, name_len, dsec, dnsec, clock, vm32, extra_size = _ENTRY.unpack(head)
+        off += _ENTRY.size
+        if extra_size > MAX_EXTRA_DATA:
+            if not repair:
+                raise ImageCorrupt(f"Too much extra metadata in snapshot table entry {i}",
+                                   node=img.node_name or None)
+            if messages is not None:
+                messages.append(f"Discarding too much extra metadata in snapshot table entry {i} "
+                                f"({extra_size} > {MAX_EXTRA_DATA})")
+        extra = await _read(img, off, extra_size, flen) if extra_size else b""
+        off += extra_size
+        sn = Snapshot(l1_off, l1_size, "", "", dsec, dnsec, clock, vm32, h.size, -1,
+                      min(extra_size, MAX_EXTRA_DATA))
+        if extra_size >= 8:
+            sn.vm_state_size = struct.unpack_from(">Q", extra, 0)[0]
+        if extra_size >= 16:
+            sn.disk_size = struct.unpack_from(">Q", extra, 8)[0]
+        if extra_size >= 24:
+            sn.icount = struct.unpack_from(">Q", extra, 16)[0]
+            if sn.icount == (1 << 64) - 1:
+                sn.icount = -1
+        sn.unknown_extra = bytes(extra[_EXTRA.size:min(extra_size, MAX_EXTRA_DATA)])
+        names = await _read(img, off, id_len + name_len, flen)
+        off += id_len + name_len
+        sn.id = names[:id_len].decode("utf-8", "replace")
+        sn.name = names[id_len:].decode("utf-8", "replace")
+        if off - start > MAX_TABLE_BYTES:
+            raise ImageCorrupt("Snapshot table is too big", node=img.node_name or None)
+        snaps.append(sn)
+    return snaps, off - start
+
+
+async def _read(img: Image, off: int, n: int, flen: int) -> bytes:
+    if off + n > flen:
+        raise ImageCorrupt("Snapshot table exceeds the file size", node=img.node_name or None, offset=off)
+    buf = bytearray(n)
+    if n:
+        await img.file.preadv(off, memoryview(buf))
+    return bytes(buf)
+
+
+def validate_l1(img: Image, sn: Snapshot) -> None:
+    if sn.l1_size * 8 > MAX_L1_BYTES:
+        raise ImageCorrupt("Snapshot L1 table too large", node=img.node_name or None)
+    if sn.l1_table_offset % img.cs or sn.l1_table_offset + sn.l1_size * 8 > img.file.getlength():
+        raise ImageCorrupt("Snapshot L1 table offset invalid", node=img.node_name or None,
+                           offset=sn.l1_table_offset)
+
+
+async def read_l1(img: Image, offset: int, size: int) -> list[int]:
+    buf = bytearray(size * 8)
+    if buf:
+        await img.file.preadv(offset, memoryview(buf))
+    return list(struct.unpack(f">{size}Q", buf))
+
+
+async def update_refcounts(img: Image, l1: list[int], addend: int) -> bool:
+    """QEMU's qcow2_update_snapshot_refcount over the L1 table ``l1`` (modified in place).
+
+    Adds ``addend`` (-1, 0, 1) to every L2 table and data cluster ``l1`` reaches and sets each entry's COPIED
+    flag to "refcount is 1". Returns whether ``l1`` changed. L2 tables freed on the way leave the cache.
+    """
+    rc = img.rc
+    if addend > 0:
+        img.l2_cache.set_dependency(rc.cache)
+    changed = False
+    for i, l1e in enumerate(l1):
+        l2_off = l1e & L1E_OFFSET_MASK
+        if not l2_off:
+            continue
+        if l2_off % img.cs:
+            raise img.corrupt(f"L2 table offset {l2_off:#x} unaligned (L1 index: {i:#x})")
+        table = await img.read_l2(l2_off)
+        dirty = False
+        for j in range(img.l2_entries):
+            entry, bitmap = img.l2_get(table, j)
+            new = entry & ~OFLAG_COPIED
+            typ, host = img.classify(new, bitmap, 0)
+            refcount = 0
+            if typ == ClusterType.COMPRESSED:
+                if addend:
+                    coff, nbytes = img.compressed_range(new)
+                    await rc.update(coff, nbytes, addend)
+                refcount = 2  # never rewritten in place
+            elif (new & L2E_OFFSET_MASK) and typ != ClusterType.COMPRESSED:
+                host = new & L2E_OFFSET_MASK
+                if addend and not img.has_data_file:
+                    await rc.update(host, 1, addend)
+                refcount = 1 if img.has_data_file else await rc.get(host >> img.cbits)
+            if refcount == 1:
+                new |= OFLAG_COPIED
+            if new != entry:
+                img.l2_put(table, j, new, bitmap)
+                dirty = True
+        if dirty:
+            img.l2_cache.mark_dirty(l2_off)
+        if addend:
+            await rc.update(l2_off, 1, addend)
+        refcount = await rc.get(l2_off >> img.cbits)
+        if refcount == 0:
+            img.l2_cache.discard(l2_off)
+        new_l1e = l2_off | (OFLAG_COPIED if refcount == 1 else 0)
+        if new_l1e != l1e:
+            l1[i] = new_l1e
+            changed = True
+    return changed
+
+
+class SnapshotMixin:
+    """The driver's snapshot hooks; needs ``self.img``, ``self.meta_lock`` and ``self.node``."""
+
+    img: Image
+    snapshots: list[Snapshot]
+    snapshots_size: int
+
+    async def load_snapshots(self) -> None:
+        self.snapshots, self.snapshots_size = await read_table(self.img)
+
+    def snapshot_info_list(self) -> list[dict[str, Any]]:
+        from blockgraph.cli.img_snapshot import to_qapi
+
+        return [to_qapi(sn.info()) for sn in getattr(self, "snapshots", [])]
+
+    async def snapshot_list(self) -> list[SnapshotInfo]:
+        return [sn.info() for sn in self.snapshots]
+
+    def _refuse_data_file(self) -> None:
+        if self.img.has_data_file:
+            raise BlockIOError(errno.ENOTSUP, op="snapshot", detail="snapshots are not supported with a data file")
+
+    def _find(self, snapshot_id: str | None, name: str | None) -> int:
+        for i, sn in enumerate(self.snapshots):
+            if (snapshot_id is None or sn.id == snapshot_id) and (name is None or sn.name == name):
+                return i
+        return -1
+
+    def _find_id_or_name(self, text: str) -> int:
+        i = self._find(text, None)
+        return i if i >= 0 else self._find(None, text)
+
+    async def _write_table(self, snaps: list[Snapshot]) -> None:
+        img = self.img
+        data = pack_table(snaps)
+        new_off = await img.rc.alloc_clusters(-(-len(data) // img.cs)) if data else 0
+        await img.flush_metadata()
+        await img.file.flush()
+        if data:
+            await img.file.pwritev(new_off, memoryview(data))
+        await img.file.flush()
+        old_off, old_size = img.h.snapshots_offset, self.snapshots_size
+        img.h.nb_snapshots, img.h.snapshots_offset = len(snaps), new_off
+        await img.file.pwritev(60, memoryview(struct.pack(">IQ", len(snaps), new_off)))
+        await img.file.flush()
+        if old_off and old_size:
+            await img.rc.update(old_off, old_size, -1)
+        self.snapshots, self.snapshots_size = snaps, len(data)
+
+    async def _locked(self) -> Any:
+        lock = getattr(self, "meta_lock", None)
+        if lock is None:
+            import asyncio
+
+            lock = self.meta_lock = asyncio.Lock()
+        return lock
+
+    async def snapshot_create(self, info: SnapshotInfo) -> None:
+        self._refuse_data_file()
+        img = self.img
+        if len(self.snapshots) >= MAX_SNAPSHOTS:
+            raise BlockIOError(errno.EFBIG, op="snapshot")
+        async with await self._locked():
+            await img.flush_metadata()
+            ids = [int(sn.id) for sn in self.snapshots if sn.id.isdigit()]
+            info.id = str(max(ids, default=0) + 1)
+            l1_bytes = len(img.l1) * 8
+            l1_off = await img.rc.alloc_clusters(-(-l1_bytes // img.cs)) if l1_bytes else 0
+            await img.rc.flush()
+            if l1_bytes:
+                await img.file.pwritev(l1_off, memoryview(struct.pack(f">{len(img.l1)}Q", *img.l1)))
+            if await update_refcounts(img, img.l1, 1):
+                await img.write_l1()
+            await img.flush_metadata()
+            await img.file.flush()
+            sn = Snapshot(l1_off, len(img.l1), info.id, info.name, info.date_sec, info.date_nsec,
+                          info.vm_clock_nsec, info.vm_state_size, img.h.size,
+                          -1 if info.icount is None else info.icount)
+            await self._write_table([*self.snapshots, sn])
+            if sn.vm_state_size:
+                await self._drop_vmstate(sn.vm_state_size)
+            await img.flush_metadata()
+
+    async def _drop_vmstate(self, size: int) -> None:
+        from .vmstate import discard_vmstate
+
+        await discard_vmstate(self, size)
+
+    async def snapshot_goto(self, name: str) -> None:
+        self._refuse_data_file()
+        i = self._find_id_or_name(name)
+        if i < 0:
+            raise BlockIOError(errno.ENOENT, op="snapshot", detail=f"Can't find snapshot '{name}'")
+        img = self.img
+        sn = self.snapshots[i]
+        validate_l1(img, sn)
+        async with await self._locked():
+            await img.flush_metadata()
+            if sn.disk_size != img.h.size:
+                await self._set_size(sn.disk_size)
+            if sn.l1_size > len(img.l1):
+                await grow_l1(img, sn.l1_size)
+            new_l1 = await read_l1(img, sn.l1_table_offset, sn.l1_size)
+            new_l1 += [0] * (len(img.l1) - len(new_l1))
+            await update_refcounts(img, list(new_l1), 1)
+            await img.flush_metadata()
+            await img.file.flush()
+            old = list(img.l1)
+            img.l1[:] = new_l1
+            await img.write_l1()
+            await img.file.flush()
+            await update_refcounts(img, old, -1)
+            await update_refcounts(img, img.l1, 0)
+            await img.write_l1()
+            await img.flush_metadata()
+            await img.file.flush()
+
+    async def _set_size(self, size: int) -> None:
+        from blockgraph.io import sector_length
+
+        img = self.img
+        img.h.size = size
+        await img.file.pwritev(24, memoryview(struct.pack(">Q", size)))
+        node = getattr(getattr(self, "node", None), "graph_node", None)
+        if node is not None:
+            node.length = sector_length(size)
+
+    async def snapshot_delete(self, snapshot_id: str | None, name: str | None) -> None:
+        self._refuse_data_file()
+        i = self._find(snapshot_id, name)
+        if i < 0:
+            raise BlockIOError(errno.ENOENT, op="snapshot", detail="Can't find the snapshot")
+        img = self.img
+        sn = self.snapshots[i]
+        validate_l1(img, sn)
+        async with await self._locked():
+            await img.flush_metadata()
+            await self._write_table(self.snapshots[:i] + self.snapshots[i + 1:])
+            l1 = await read_l1(img, sn.l1_table_offset, sn.l1_size)
+            await update_refcounts(img, l1, -1)
+            if sn.l1_size:
+                await img.rc.update(sn.l1_table_offset, sn.l1_size * 8, -1)
+            if await update_refcounts(img, img.l1, 0):
+                await img.write_l1()
+            await img.flush_metadata()
+            await img.file.flush()
+
+    async def snapshot_load_tmp(self, snapshot_id: str | None, name: str | None) -> None:
+        """Show a snapshot read-only in place of the active L1 (convert -l, measure -l)."""
+        from blockgraph.io import sector_length
+
+        if not self.img.h or not getattr(self, "read_only", True):
+            raise BlockIOError(errno.EINVAL, op="snapshot", detail="Device is not readonly")
+        i = self._find(snapshot_id, name)
+        if i < 0:
+            raise BlockIOError(errno.ENOENT, op="snapshot", detail="Can't find snapshot")
+        img = self.img
+        sn = self.snapshots[i]
+        validate_l1(img, sn)
+        img.l1[:] = await read_l1(img, sn.l1_table_offset, sn.l1_size)
+        img.h.size = sn.disk_size
+        node = getattr(getattr(self, "node", None), "graph_node", None)
+        if node is not None:
+            node.length = sector_length(sn.disk_size)
+
+
+async def grow_l1(img: Image, entries: int) -> None:
+    """Move the active L1 table to new clusters holding ``entries`` entries (header switched in one write)."""
+    old_off, old_size = img.h.l1_table_offset, len(img.l1)
+    if entries * 8 > MAX_L1_BYTES:
+        raise img.corrupt("Active L1 table too large")
+    new_l1 = img.l1 + [0] * (entries - old_size)
+    new_off = await img.rc.alloc_clusters(-(-entries * 8 // img.cs))
+    await img.flush_metadata()
+    await img.file.pwritev(new_off, memoryview(struct.pack(f">{entries}Q", *new_l1)))
+    await img.file.flush()
+    await img.file.pwritev(36, memoryview(struct.pack(">IQ", entries, new_off)))
+    await img.file.flush()
+    img.h.l1_size, img.h.l1_table_offset = entries, new_off
+    img.l1[:] = new_l1
+    if old_size:
+        await img.rc.update(old_off, old_size * 8, -1)
