@@ -52,10 +52,12 @@ async def backing_spec(node: Node, backing: str, fmt: str | None) -> Any:
 
     session = node.session
     registry = session.registry
-    name = full_backing_filename(node.filename, backing, registry)
+    # A probed image gets its filename from its file child only after open; the backing is opened during it.
+    image = node.filename or (node.file.node.filename if node.file is not None else "")
+    name = full_backing_filename(image, backing, registry)
     for above in _cow_ancestors(node):
         if above.filename and _same_file(above.filename, name):
-            raise OpenError(f"Could not open backing file '{name}' of '{node.filename}': "
+            raise OpenError(f"Could not open backing file '{name}' of '{image}': "
                             "the backing chain loops back to an image above it")
     if name.startswith("json:"):
         tree = parse_json(name[5:], "json: backing filename")

@@ -130,7 +130,9 @@ async def create_image(session: Any, filename: str, o: VhdxCreateOptions) -> Non
     await proto_cls.create(session, filename, proto_cls.CreateOptions(size=0))
     blk = await session.open_backend(filename, fmt=proto)
     try:
-        await _write_layout(blk, size, log_size, block, fixed, o.block_state_zero, locator)
+        # A differencing image's unwritten blocks come from the parent: they must not be ZERO blocks.
+        zero_blocks = o.block_state_zero and locator is None
+        await _write_layout(blk, size, log_size, block, fixed, zero_blocks, locator)
         await blk.flush()
     finally:
         await blk.close()
