@@ -54,8 +54,8 @@ def from_exception(e: BaseException) -> QMPError:
         m = re.fullmatch(r"Parameter '([^']*)' is required", e.reason)
         if m:
             return QMPError(f"Parameter '{m.group(1)}' is missing")
-        if e.reason.startswith(("Parameter ", "Invalid parameter type")):
-            return QMPError(e.reason)
+        if e.reason.startswith(("Parameter ", "Invalid parameter type")) or (e.option and e.option in e.reason):
+            return QMPError(e.reason)  # already names what was wrong, as QEMU's text does
     if isinstance(e, BlockGraphError):
         return QMPError(str(e))
     return QMPError(f"{type(e).__name__}: {e}")

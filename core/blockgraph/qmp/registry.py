@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
 Handler = Callable[[Any, dict[str, Any]], Any]
 CORE: dict[str, Command] = {}
-CORE_MODULES = ("commands_core", "commands_query", "commands_graph", "commands_snapshot", "commands_export")
+CORE_MODULES = ("commands_core", "commands_query", "commands_graph", "commands_snapshot", "commands_export",
+                "commands_hmp")
 
 
 @attrs.define
