@@ -22,6 +22,7 @@ import attrs
 from ..driver import DriverKind
 from ..errors import BlockGraphError, OptionError
 from ..options import flatten, merge, option_fields, parse_json, unflatten
+from ..plugins import KNOWN_DRIVERS, dist_for
 from . import legacy, throttle
 from .qemuopts import get_bool, get_number, parse_opts
 
@@ -289,6 +290,8 @@ def _build_nodes(exp: DriveExpansion, opts: dict[str, Any], filename: str | None
     names.place(top, "file" if top is proto else "format")
     _validate(host, top, proto)
     root = top["node-name"]
+    if root == exp.id:
+        raise OptionError(f"Device name '{exp.id}' conflicts with an existing node name")
     if exp.snapshot:
         root = _temp_overlay(exp, top, proto, names)
     if exp.backend["copy-on-read"]:
@@ -378,7 +381,14 @@ def _kind(host: Any, driver: str) -> DriverKind:
 def _protocol_for(host: Any, filename: str) -> str:
     if host is None:
         return "file"
-    return host.protocol_for(filename) or "file"
+    try:
+        return host.protocol_for(filename) or "file"
+    except OptionError:
+        prefix = filename.partition(":")[0]
+        if prefix in KNOWN_DRIVERS:
+            raise OptionError(f"Unknown protocol '{prefix}'; it is provided by {dist_for(prefix)}, "
+                              f"which is not installed (pip install {dist_for(prefix)})") from None
+        raise OptionError(f"Unknown protocol '{prefix}'") from None
 
 
 def _protocol_options(host: Any, driver: str, filename: str) -> dict[str, Any]:

@@ -125,14 +125,10 @@ SHORTCUT_OPTIONS = ("-hda", "-hdb", "-hdc", "-hdd", "-cdrom", "-fda", "-fdb", "-
 
 # ------------------------------------------------------------------ machine
 
-def pc_check(interface: str, bus: int, unit: int, media: str, read_only: bool, has_medium: bool) -> str | None:
-    """What QEMU's ``pc`` machine refuses when it creates the board devices, or None."""
+def pc_check(interface: str, bus: int, unit: int) -> str | None:
+    """The drives QEMU's ``pc`` machine leaves unclaimed (drive_check_orphans), or None."""
     ok = (interface in ("none", "virtio")
           or (interface == "ide" and bus < 2)
           or (interface == "floppy" and bus == 0 and unit < 2)
           or (interface == "pflash" and bus == 0 and unit < 2))
-    if not ok:
-        return f"machine type does not support if={interface},bus={bus},unit={unit}"
-    if interface == "ide" and media == "disk" and read_only and has_medium:
-        return "Block node is read-only"
-    return None
+    return None if ok else f"machine type does not support if={interface},bus={bus},unit={unit}"
