@@ -147,6 +147,9 @@ async def create_image(session: Any, filename: str, o: Qcow2CreateOptions) -> No
     if data_spec is not None:
         spec["data-file"] = data_spec
     node = await session.open_node(spec)
+    from blockgraph.backend import BlockBackend
+
+    blk = await BlockBackend.attach_new(session, node)  # takes write and resize on the whole graph
     try:
         drv = node.driver
         mode = PreallocMode(o.preallocation)
@@ -164,4 +167,6 @@ async def create_image(session: Any, filename: str, o: Qcow2CreateOptions) -> No
 
         await io.flush(node)
     finally:
-        await close_node(node)
+        await blk.close()
+        if not node.closed:
+            await close_node(node)

@@ -242,9 +242,8 @@ class WriteMixin:
         hi = end // cs * cs if end < img.h.size else -(-end // cs) * cs  # a partial last cluster counts at EOF
         if hi <= lo:
             return
-        if img.h.version >= 3 or self.backing is not None:
-            await self._zero_range(lo, hi, unmap=not self.options.discard_no_unref,  # type: ignore[attr-defined]
-                                   discard_type="request", from_discard=True)
+        await self._zero_range(lo, hi, unmap=not self.options.discard_no_unref,  # type: ignore[attr-defined]
+                               discard_type="request", from_discard=True)
 
     async def _zero_range(self, lo: int, hi: int, *, unmap: bool, discard_type: str, from_discard: bool = False
                           ) -> None:
