@@ -520,9 +520,12 @@ async def block_status(node: Node, offset: int, length: int, want_zero: bool = T
     elif (want_zero and flags & Status.DATA and flags & Status.OFFSET_VALID and st.file is not None
           and st.file is not node and not flags & Status.ZERO):
         inner = await block_status(st.file, st.offset, st.length, want_zero)
-        if inner.flags & Status.ZERO:
-            st = BlockStatus(flags | Status.ZERO, min(inner.length, st.length), st.offset, st.file)
-            flags = st.flags
+        if inner.flags & Status.EOF and (inner.length == 0 or inner.flags & Status.ZERO):
+            st = BlockStatus(flags | Status.ZERO, st.length, st.offset, st.file)  # past the file's end: zeros
+        else:  # limited to what the file reported on, as bdrv_co_block_status does
+            st = BlockStatus(flags | (inner.flags & Status.ZERO), min(inner.length, st.length) or st.length,
+                             st.offset, st.file)
+        flags = st.flags
     if flags & (Status.DATA | Status.ZERO):
         flags |= Status.ALLOCATED
     elif want_zero and node.cow_child() is not None and offset >= node.cow_child().node.length:
