@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import errno
 import random
@@ -61,6 +62,7 @@ class VmdkDriver:
     async def open(self, node: Any, options: VmdkOptions) -> None:
         self.node = node
         self.options = options
+        self.lock = asyncio.Lock()  # core serializes requests, but not flush_to_os, which appends grains
         self.extents: list[Extent] = []
         self.readonly_children: set[str] = set()
         self.cid_updated = False
@@ -226,6 +228,10 @@ class VmdkDriver:
         self.cid_checked = True
 
     async def preadv(self, offset: int, buf: memoryview, flags: ReqFlags) -> None:
+        async with self.lock:
+            return await self._preadv(offset, buf, flags)
+
+    async def _preadv(self, offset: int, buf: memoryview, flags: ReqFlags) -> None:
         for ext, rel, at, n in self._pieces(offset, len(buf)):
             ext.refuse("read", offset + at, n)
             piece = buf[at:at + n]
@@ -235,6 +241,10 @@ class VmdkDriver:
                 await ext.read(rel, piece)
 
     async def pwritev(self, offset: int, buf: memoryview, flags: ReqFlags) -> None:
+        async with self.lock:
+            return await self._pwritev(offset, buf, flags)
+
+    async def _pwritev(self, offset: int, buf: memoryview, flags: ReqFlags) -> None:
         pieces = self._pieces(offset, len(buf))
         for ext, _rel, at, n in pieces:
             ext.refuse("write", offset + at, n)
@@ -247,6 +257,10 @@ class VmdkDriver:
                 await ext.write(rel, piece, flags)
 
     async def pwrite_zeroes(self, offset: int, length: int, flags: ReqFlags) -> None:
+        async with self.lock:
+            return await self._pwrite_zeroes(offset, length, flags)
+
+    async def _pwrite_zeroes(self, offset: int, length: int, flags: ReqFlags) -> None:
         pieces = self._pieces(offset, length)
         has_backing = self.node.backing is not None
         for ext, rel, at, n in pieces:
@@ -284,14 +298,19 @@ class VmdkDriver:
         self.cid_updated = True
 
     async def flush_to_os(self) -> None:
-        for ext in self.extents:
-            if isinstance(ext, SparseExtent) and ext.pending is not None:
-                await ext.commit()
+        async with self.lock:
+            for ext in self.extents:
+                if isinstance(ext, SparseExtent) and ext.pending is not None:
+                    await ext.commit()
 
     async def flush(self) -> None:
         """Table writes go straight to the files; core flushes them next."""
 
     async def block_status(self, offset: int, length: int, want_zero: bool) -> BlockStatus:
+        async with self.lock:
+            return await self._block_status(offset, length, want_zero)
+
+    async def _block_status(self, offset: int, length: int, want_zero: bool) -> BlockStatus:
         ext, rel, _at, n = self._pieces(offset, length)[0]
         if isinstance(ext, FlatExtent):
             return BlockStatus(Status.DATA | Status.OFFSET_VALID, n, ext.base + rel, ext.child.node)
