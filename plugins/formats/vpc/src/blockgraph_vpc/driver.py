@@ -22,6 +22,7 @@ from blockgraph.perms import ChildRole
 from . import format as fmt
 from .format import SECTOR, UNALLOCATED
 
+TRUNCATED = "block-vpc: free_data_block_offset points after the end of file. The image has been truncated."
 BITMAP_CACHE = 64  # block bitmaps kept in memory (512 bytes each for 2 MiB blocks)
 
 
@@ -118,16 +119,20 @@ class VpcDriver:
             if self.size > self.footer_at:
                 raise ImageCorrupt(f"fixed VHD of {self.size} bytes, but only {self.footer_at} bytes of data "
                                    "precede the footer (the image has been truncated)",
-                                   node=node.node_name, offset=self.footer_at)
+                                   node=self._where(), offset=self.footer_at)
             return
         await self._open_dynamic(file_len)
         if footer.disk_type == fmt.TYPE_DIFFERENCING and not node.backing_disabled():
             await self._open_parent()
 
+    def _where(self) -> str | None:
+        """The node name for error messages, only when the user gave it."""
+        return None if self.node.graph_node.generated_name else self.node.node_name
+
     async def _read_meta(self, offset: int, length: int, what: str) -> bytes:
         if offset < 0 or offset + length > self.file.getlength():
             raise ImageCorrupt(f"{what} ({length} bytes) lies outside the file of {self.file.getlength()} bytes",
-                               node=self.node.node_name, offset=offset)
+                               node=self._where(), offset=offset)
         buf = bytearray(length)
         await self.file.preadv(offset, memoryview(buf))
         return bytes(buf)
@@ -138,8 +143,8 @@ class VpcDriver:
             raise OpenError("Invalid header magic")
         dyn = fmt.DynHeader.parse(raw)
         if not dyn.stored_checksum_ok(raw):
-            # QEMU does not check this one; say so in the log and go on, as it does.
-            self.node.log.warning("vpc_dyn_header_checksum", offset=self.footer.data_offset)
+            # QEMU does not check this one (its own check would refuse images QEMU reads); only log it.
+            self.node.log.debug("vpc_dyn_header_checksum_wrong", offset=self.footer.data_offset)
         bs = dyn.block_size
         if bs < SECTOR or bs & (bs - 1):
             raise OpenError(f"Invalid block size {bs}")
@@ -152,6 +157,8 @@ class VpcDriver:
         if entries > 0x7FFFFFFF // 4:
             raise OpenError(f"Max Table Entries too large ({entries})")
         self.bat_offset = dyn.table_offset
+        if self.bat_offset + entries * 4 > file_len:
+            raise OpenError(TRUNCATED)
         bat = array("I", await self._read_meta(self.bat_offset, entries * 4, "BAT"))
         if array("I", [1]).tobytes()[0] == 1:
             bat.byteswap()
@@ -168,11 +175,10 @@ class VpcDriver:
             start = entry * SECTOR
             if start < meta_end and start + span > self.bat_offset:
                 raise ImageCorrupt(f"BAT entry {i} (block at {start}) overlaps the BAT",
-                                   node=self.node.node_name, offset=self.bat_offset + 4 * i)
+                                   node=self._where(), offset=self.bat_offset + 4 * i)
             free = max(free, start + span)
         if free > file_len:
-            raise OpenError("block-vpc: free_data_block_offset points after the end of file. "
-                            "The image has been truncated.")
+            raise OpenError(TRUNCATED)
         # Never allocate over data we do not know about: the trailing footer marks the end.
         self.free_offset = max(free, (file_len - fmt.FOOTER_SIZE) & ~(SECTOR - 1))
 
