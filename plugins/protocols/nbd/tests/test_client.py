@@ -421,3 +421,33 @@ def test_nbdkit_delay_filter_out_of_order_replies(tmp_path: Path, servers: list[
             await session.close()
 
     asyncio.run(go())
+
+
+@need_nbdkit
+@pytest.mark.parametrize("mode", ["default", "slow", "none"])
+def test_fast_zero(tmp_path: Path, servers: list[Server], mode: str) -> None:
+    """FAST_ZERO is sent for NO_FALLBACK; a server that cannot zero fast (or lacks the flag) gives NotSupported."""
+    srv = nbdkit(tmp_path, "--filter=nozero", "memory", "1M", "zeromode=plugin", f"fastzeromode={mode}")
+    servers.append(srv)
+
+    async def go() -> None:
+        from blockgraph import io
+        from blockgraph.driver import ReqFlags
+        from blockgraph.errors import NotSupported
+
+        session, node = await open_node(srv.url)
+        try:
+            await io.pwritev(node, 0, memoryview(b"\3" * 65536))
+            if mode == "default":
+                await node.driver.pwrite_zeroes(0, 65536, ReqFlags.NO_FALLBACK | ReqFlags.MAY_UNMAP)
+                back = bytearray(65536)
+                await io.preadv(node, 0, memoryview(back))
+                assert back == bytes(65536)
+            else:
+                with pytest.raises(NotSupported):
+                    await node.driver.pwrite_zeroes(0, 65536, ReqFlags.NO_FALLBACK)
+            await node.driver.cache(0, 65536)  # NBD_CMD_CACHE, or nothing when the server cannot
+        finally:
+            await session.close()
+
+    asyncio.run(go())

@@ -206,7 +206,7 @@ class Connection:
         if req.cmd == Cmd.READ:
             if self.info.structured:
                 raise ProtocolError("simple reply to a read after structured replies were negotiated")
-            await self._read_into(req.buf)
+            await self._read_into(self._dest(req, 0, req.length))
         elif req.cmd == Cmd.BLOCK_STATUS:
             raise ProtocolError("simple reply to a block status request")
         self._finish(cookie, req)
@@ -225,16 +225,17 @@ class Connection:
             (off,) = p.OFFSET_CHUNK.unpack(await self._fill(8))
             n = length - 8
             start = self._place(req, off, n, "data")
-            await self._read_into(req.buf[start:start + n])
+            await self._read_into(self._dest(req, start, n))
             req.covered += n
         elif rtype == ReplyType.OFFSET_HOLE:
             if req.cmd != Cmd.READ or length != p.HOLE_CHUNK.size:
                 raise ProtocolError(f"bad hole chunk ({length} bytes) for command {req.cmd}")
             off, n = p.HOLE_CHUNK.unpack(await self._fill(12))
             start = self._place(req, off, n, "hole")
-            for pos in range(start, start + n, len(_ZEROS)):
-                step = min(len(_ZEROS), start + n - pos)
-                req.buf[pos:pos + step] = _ZEROS[:step]
+            if not req.fut.done():
+                for pos in range(start, start + n, len(_ZEROS)):
+                    step = min(len(_ZEROS), start + n - pos)
+                    req.buf[pos:pos + step] = _ZEROS[:step]
             req.covered += n
         elif rtype == ReplyType.BLOCK_STATUS:
             if req.cmd != Cmd.BLOCK_STATUS or length > MAX_META_CHUNK:
@@ -270,6 +271,13 @@ class Connection:
             if req.error is None:
                 problem = self._incomplete(req)
             self._finish(hdr.cookie, req, ReplyError(problem) if problem else None)
+
+    @staticmethod
+    def _dest(req: Pending, start: int, n: int) -> memoryview:
+        """Where payload goes: the caller's buffer, or scratch once the caller was cancelled (it may reuse it)."""
+        if req.fut.done():
+            return memoryview(bytearray(n))
+        return req.buf[start:start + n]
 
     def _place(self, req: Pending, off: int, n: int, what: str) -> int:
         if off < req.offset or off + n > req.offset + req.length or not n:
