@@ -133,7 +133,7 @@ class Connection:
             valid |= CF.NO_HOLE | CF.FAST_ZERO
         elif t == Cmd.BLOCK_STATUS:
             valid |= CF.REQ_ONE
-        if req.flags & ~valid:
+        if req.flags & ~int(valid):  # int: ~ of an IntFlag drops the bits it does not know
             raise RequestError(P.NBD_EINVAL, f"unsupported flags for command {name} (got 0x{req.flags:x})")
         if t == Cmd.READ and req.length > P.MAX_BUFFER:
             raise RequestError(P.NBD_EINVAL, f"len ({req.length}) is larger than max len ({P.MAX_BUFFER})")

@@ -62,7 +62,7 @@ class Negotiation:
         await self.ch.send([P.HELLO.pack(P.NBDMAGIC, P.IHAVEOPT)
                             + P.HANDSHAKE_FLAGS.pack(P.HandshakeFlag.FIXED_NEWSTYLE | P.HandshakeFlag.NO_ZEROES)])
         (cflags,) = P.CLIENT_FLAGS.unpack(await self.ch.recv_exactly(P.CLIENT_FLAGS.size))
-        if cflags & ~(P.ClientFlag.FIXED_NEWSTYLE | P.ClientFlag.NO_ZEROES):
+        if cflags & ~int(P.ClientFlag.FIXED_NEWSTYLE | P.ClientFlag.NO_ZEROES):  # int: ~IntFlag keeps known bits only
             raise P.ProtocolError(f"Unsupported client flags 0x{cflags:x}")
         self.fixed = bool(cflags & P.ClientFlag.FIXED_NEWSTYLE)
         self.no_zeroes = bool(cflags & P.ClientFlag.NO_ZEROES)
