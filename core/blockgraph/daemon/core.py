@@ -104,17 +104,29 @@ class Daemon:
     async def add_blockdev(self, tree: dict[str, Any]) -> Node:
         """blockdev-add / --blockdev: a monitor-owned node (it keeps a reference of its own)."""
         if "node-name" not in tree:
+            self._check_options(tree)  # QEMU checks the options' shape before asking for the name
             raise QMPError("'node-name' must be specified for the root node")
         node = await self.session.open_node(dict(tree))
         node.refcnt += 1
         self.monitor_owned.add(node.name)
         return node
 
+    def _check_options(self, tree: dict[str, Any]) -> None:
+        from ..options import structure
+        from ..session import COMMON_KEYS
+
+        if "driver" not in tree:
+            raise QMPError("Parameter 'driver' is missing")
+        cls = self.session.registry.driver(str(tree["driver"]))
+        skip = set(COMMON_KEYS) | set(getattr(cls, "child_options", ()))
+        structure(cls.Options, {k: v for k, v in tree.items() if k not in skip}, driver=str(tree["driver"]))
+
     async def delete_blockdev(self, name: str) -> None:
         node = self.session.nodes.get(name)
         if node is None:
             raise QMPError(f"Failed to find node with node-name='{name}'")
-        if any(not isinstance(c.parent, Node) for c in node.parents):
+        if any(not isinstance(c.parent, Node) for c in node.parents) or \
+                any(getattr(e, "node_name", None) == name for e in self.exports.values()):
             raise QMPError(f"Node {name} is in use")
         if name not in self.monitor_owned:
             raise QMPError(f"Node {name} is not owned by the monitor")

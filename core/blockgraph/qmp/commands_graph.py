@@ -73,6 +73,10 @@ async def block_resize(daemon: Any, args: dict[str, Any]) -> None:
         raise QMPError("Parameter 'size' expects a >0 size")
     if node.read_only:
         raise QMPError("Block node is read-only")
+    blk = daemon.session.backends.get(args.get("device"))
+    if blk is not None and not blk.read_only:
+        await blk.truncate(size, exact=False)  # the backend takes the resize permission on its own edge
+        return
     # Only the resize permission, shared with everyone, as QEMU's block_resize takes it.
     blk = BlockBackend(daemon.session, read_only=True, share_all=True, resize=True)
     blk.insert(node)

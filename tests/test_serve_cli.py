@@ -1,0 +1,153 @@
+"""``blockgraph serve``'s command line against the real qemu-storage-daemon: the same bad options give
+the same messages; --help, --version, --pidfile, --daemonize and signals behave as QSD's."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from blockgraph.daemon.harness import BLOCKGRAPH, ServeProcess
+
+QSD = shutil.which("qemu-storage-daemon")
+needs_qsd = pytest.mark.skipif(QSD is None, reason="qemu-storage-daemon (Debian qemu-system-common) not installed")
+
+
+def run(program: list[str], args: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([*program, *args], capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def message(stderr: str) -> str:
+    """The error without the program name (``qemu-storage-daemon: `` / ``blockgraph serve: ``)."""
+    line = stderr.strip().splitlines()[-1]
+    return re.sub(r"^\S*(qemu-storage-daemon|blockgraph serve): ", "", line)
+
+
+BAD_LINES = [
+    ["--blockdev"],
+    ["--bogus"],
+    ["-x"],
+    ["-T"],
+    ["--daemonize=1"],
+    ["extra"],
+    ["--blockdev", "driver=file"],
+    ["--blockdev", "driver=null-co"],
+    ["--blockdev", "driver=file,filename=/nonexistent/x.img,node-name=x"],
+    ["--blockdev", "foo"],
+    ["--blockdev", '{"driver": "null-co", "node-name": "n", "x": 1}'],
+    ["--blockdev", "null-co,node-name=n", "--blockdev", "driver=null-co,node-name=n"],
+    ["--object", "foo,id=x"],
+    ["--object", "throttle-group,id=t,x-foo=1"],
+    ["--chardev", "foo,id=c"],
+    ["--chardev", "socket,path=/tmp/blockgraph-never.sock,server=on"],
+    ["--monitor", "chardev=zz"],
+    ["--chardev", "stdio,id=x", "--daemonize"],
+    ["--export", "type=foo,id=e,node-name=n"],
+    ["--pidfile"],
+]
+
+
+@needs_qsd
+@pytest.mark.parametrize("args", BAD_LINES, ids=lambda a: " ".join(a)[:40])
+def test_bad_options_fail_as_qemu_storage_daemon(args: list[str]) -> None:
+    theirs = run([QSD], args)
+    ours = run(BLOCKGRAPH, args)
+    assert theirs.returncode == 1 and ours.returncode == 1
+    assert message(ours.stderr) == message(theirs.stderr)
+
+
+def test_help_and_version() -> None:
+    h = run(BLOCKGRAPH, ["-h"])
+    assert h.returncode == 0 and h.stdout.startswith("Usage: blockgraph serve [options]")
+    for opt in ("--blockdev", "--drive", "--chardev", "--monitor", "--export", "--nbd-server", "--object",
+                "--pidfile", "--daemonize"):
+        assert opt in h.stdout
+    v = run(BLOCKGRAPH, ["--version"])
+    assert v.returncode == 0 and v.stdout.startswith("blockgraph serve version ")
+
+
+def test_object_help_lists_throttle_group() -> None:
+    r = run(BLOCKGRAPH, ["--object", "help"])
+    assert r.returncode == 0 and r.stdout.splitlines()[:1] == ["List of user creatable objects:"]
+    assert "  throttle-group" in r.stdout.splitlines()
+
+
+def test_trace_is_accepted_with_a_warning(tmp_path: Path) -> None:
+    with ServeProcess(tmp_path, ["-T", "bdrv_*"]) as d:
+        assert d.stop() == 0
+    assert "tracing is not supported" in d.stderr
+
+
+def test_pidfile_is_locked_while_running_and_removed_on_sigterm(tmp_path: Path) -> None:
+    with ServeProcess(tmp_path, []) as d:
+        assert int(Path(d.pidfile).read_text()) == d.proc.pid
+        second = run(BLOCKGRAPH, ["--pidfile", d.pidfile])
+        assert second.returncode == 1
+        assert message(second.stderr) == "cannot create PID file: Cannot lock pid file: Resource temporarily " \
+                                         "unavailable"
+        assert d.stop(signal.SIGTERM) == 0
+    assert not Path(d.pidfile).exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
+def test_other_signals_shut_down_cleanly(tmp_path: Path, sig: int) -> None:
+    with ServeProcess(tmp_path, ["--blockdev", "null-co,node-name=n"]) as d:
+        assert d.stop(sig) == 0
+    assert not Path(d.pidfile).exists() and not Path(d.socket).exists()
+
+
+def _qmp(sock: str, *commands: dict) -> list[dict]:
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(20)
+    s.connect(sock)
+    f = s.makefile("rwb")
+    out = [json.loads(f.readline())]
+    for cmd in commands:
+        f.write(json.dumps(cmd).encode() + b"\n")
+        f.flush()
+        out.append(json.loads(f.readline()))
+    s.close()
+    return out
+
+
+def test_daemonize_returns_once_ready_and_the_child_serves(tmp_path: Path) -> None:
+    sock, pidfile = tmp_path / "d.sock", tmp_path / "d.pid"
+    r = run(BLOCKGRAPH, ["--daemonize", "--blockdev", "null-co,node-name=n0",
+                         "--chardev", f"socket,id=m,path={sock},server=on,wait=off", "--monitor", "m",
+                         "--pidfile", str(pidfile)])
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
+    pid = int(pidfile.read_text())  # written before the parent returned
+    try:
+        replies = _qmp(str(sock), {"execute": "qmp_capabilities"}, {"execute": "query-named-block-nodes"})
+        assert [n["node-name"] for n in replies[2]["return"]] == ["n0"]
+        _qmp(str(sock), {"execute": "qmp_capabilities"}, {"execute": "quit"})
+        deadline = time.monotonic() + 20
+        while pidfile.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not pidfile.exists()
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_daemonize_failure_makes_the_parent_fail(tmp_path: Path) -> None:
+    r = run(BLOCKGRAPH, ["--daemonize", "--blockdev", "driver=file,filename=/nonexistent/x,node-name=x"])
+    assert r.returncode == 1
+    assert message(r.stderr).endswith("Could not open '/nonexistent/x': No such file or directory")
+
+
+def test_drive_is_accepted_or_refused_clearly(tmp_path: Path) -> None:
+    img = tmp_path / "d.raw"
+    img.write_bytes(b"\0" * 65536)
+    r = run(BLOCKGRAPH, ["--drive", f"if=none,id=drv0,file={img},format=raw", "--object", "help"])
+    assert r.returncode == 0 or "--drive" in r.stderr
