@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 from typing import Any
 
 from ..cmdline.commandline import CommandLine, CommandLineError, parse_command_line
-from ..cmdline.drive import PROBE, DriveExpansion
+from ..cmdline.drive import PROBE, DriveExpansion, probe_local
 from ..cmdline.open import open_drive
 from ..errors import BlockGraphError
 from ..plugins import PluginHost, dist_for
-from ..session import PROBE_BYTES, RAW_PROBE_WARNING, Session
+from ..session import RAW_PROBE_WARNING, Session
 
 PROG = "blockgraph drive"
 USAGE = f"""usage: {PROG} [--output=human|json] [--no-open] [-drive OPTS]... [-hda FILE] [-cdrom FILE]
@@ -79,21 +78,9 @@ def main(argv: list[str], host: PluginHost) -> int:
 
 
 def _probe(host: PluginHost, exp: DriveExpansion) -> None:
-    """Pick the format of a drive without ``format=`` from its first bytes, when it is a local file."""
-    if not exp.probe:
-        return
-    top = next(bd for bd in exp.blockdevs if bd["driver"] == PROBE)
-    proto = next((bd for bd in exp.blockdevs if bd["node-name"] == top.get("file")), None)
-    if proto is None or proto["driver"] != "file" or not os.path.isfile(str(proto.get("filename"))):
-        return
-    try:
-        with open(proto["filename"], "rb") as f:
-            header = f.read(PROBE_BYTES)
-    except OSError:
-        return
-    top["driver"] = host.probe(header, proto["filename"])
-    if top["driver"] == "raw" and not top.get("read-only"):
-        print(RAW_PROBE_WARNING.format(proto["filename"]), file=sys.stderr)  # unprefixed, as QEMU prints it
+    probed = probe_local(exp, host)
+    if probed is not None and probed[0] == "raw" and not exp.backend["read-only"] and not exp.snapshot:
+        print(RAW_PROBE_WARNING.format(probed[1]), file=sys.stderr)  # unprefixed, as QEMU prints it
 
 
 async def _open_all(host: PluginHost, cl: CommandLine, warn: Any) -> None:

@@ -23,6 +23,7 @@ from ..driver import DriverKind
 from ..errors import BlockGraphError, OptionError
 from ..options import flatten, merge, option_fields, parse_json, unflatten
 from ..plugins import KNOWN_DRIVERS, dist_for
+from ..session import PROBE_BYTES
 from . import legacy, throttle
 from .qemuopts import get_bool, get_number, parse_opts
 
@@ -123,7 +124,9 @@ def expand_drive(drive: ParsedDrive | str, table: legacy.DriveTable | None = Non
     ``host`` (a PluginHost) picks protocols by filename prefix and checks drivers and their
     options; without it only QEMU's generic checks run. Errors are :class:`DriveError`.
     """
-    parsed = drive if isinstance(drive, ParsedDrive) else parse_drive(drive, snapshot=snapshot, warn=warn)
+    parsed = drive if isinstance(drive, ParsedDrive) else parse_drive(drive, warn=warn)
+    if snapshot and "snapshot" not in parsed.opts:
+        parsed = attrs.evolve(parsed, opts={**parsed.opts, "snapshot": "on"})
     table = table if table is not None else legacy.DriveTable()
     warnings: list[str] = []
 
@@ -362,6 +365,8 @@ def _temp_overlay(exp: DriveExpansion, top: dict[str, Any], proto: dict[str, Any
     names.place(overlay_file, "snapshot-file")
     overlay = {"driver": "qcow2", "read-only": exp.backend["read-only"], "auto-read-only": False,
                "cache": {"direct": False, "no-flush": True}, "discard": top.get("discard", "ignore"),
+               # detect-zeroes belongs to whatever node the backend ends up on: the overlay
+               "detect-zeroes": top.pop("detect-zeroes", "off"),
                "file": overlay_file["node-name"], "backing": top["node-name"]}
     names.place(overlay, "snapshot")
     exp.requires.append("qcow2")
@@ -369,6 +374,26 @@ def _temp_overlay(exp: DriveExpansion, top: dict[str, Any], proto: dict[str, Any
 
 
 # ------------------------------------------------------------------ drivers
+
+
+def probe_local(exp: DriveExpansion, host: Any) -> tuple[str, str] | None:
+    """Fill in the format of a drive left to probing when its image is a local file: (format, filename).
+
+    Reads the first bytes with plain file I/O, so nothing is opened or locked.
+    """
+    if not exp.probe:
+        return None
+    top = next((bd for bd in exp.blockdevs if bd["driver"] == PROBE), None)
+    proto = None if top is None else next((bd for bd in exp.blockdevs if bd["node-name"] == top.get("file")), None)
+    if proto is None or proto["driver"] != "file":
+        return None
+    try:
+        with open(str(proto.get("filename")), "rb") as f:
+            header = f.read(PROBE_BYTES)
+    except OSError:
+        return None
+    top["driver"] = host.probe(header, str(proto["filename"]))
+    return top["driver"], str(proto["filename"])
 
 
 def _kind(host: Any, driver: str) -> DriverKind:
