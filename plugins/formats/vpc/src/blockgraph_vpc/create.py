@@ -60,7 +60,7 @@ async def create(session: Any, filename: str, options: Any) -> None:
 
 
 async def write_dynamic(blk: Any, footer: fmt.Footer, dyn: fmt.DynHeader,
-                        locator_data: list[tuple[bytes, bytes]] = ()) -> None:
+                        locator_data: list[tuple[bytes, bytes]] | tuple = ()) -> None:
     """Footer, header, empty BAT, locator data, trailing footer; the BAT sized from the footer's size."""
     entries = -(-footer.current_size // dyn.block_size)
     bat_at = FOOTER_SIZE + fmt.DYN_HEADER_SIZE
@@ -83,8 +83,13 @@ async def write_dynamic(blk: Any, footer: fmt.Footer, dyn: fmt.DynHeader,
     await blk.pwritev(end, memoryview(head))
 
 
-async def create_differencing(session: Any, filename: str, parent: str) -> None:
-    """A differencing disk over the VHD ``parent`` (named relative to the new image's directory, and absolute)."""
+async def create_differencing(session: Any, filename: str, parent: str,
+                              locators: list[tuple[bytes, bytes]] | None = None) -> None:
+    """A differencing disk over the VHD ``parent``.
+
+    The parent is named relative to the new image's directory (W2ru) and absolute (W2ku), unless
+    ``locators`` gives the (platform, data) pairs to store instead.
+    """
     pblk = await session.open_backend(parent, fmt="vpc", read_only=True)
     try:
         pdrv = pblk.node.driver
@@ -105,7 +110,9 @@ async def create_differencing(session: Any, filename: str, parent: str) -> None:
     abs_win = absolute.replace("/", "\\").encode("utf-16-le")
     blk = await _open_file(session, filename)
     try:
-        await write_dynamic(blk, footer, dyn, [(fmt.PLAT_W2KU, abs_win), (fmt.PLAT_W2RU, rel_win)])
+        if locators is None:
+            locators = [(fmt.PLAT_W2KU, abs_win), (fmt.PLAT_W2RU, rel_win)]
+        await write_dynamic(blk, footer, dyn, locators)
         await blk.flush()
     finally:
         await blk.close()

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import attrs
 from blockgraph.driver import BlockStatus, DriverKind, ReqFlags, Status
-from blockgraph.errors import BlockIOError, ImageCorrupt, NotSupported, OpenError
+from blockgraph.errors import BlockGraphError, BlockIOError, ImageCorrupt, NotSupported, OpenError
 from blockgraph.options import one_of, opt, optional, parse_bool, parse_size, parse_str
 from blockgraph.perms import ChildRole
 
@@ -122,7 +122,7 @@ class VpcDriver:
                                    node=self._where(), offset=self.footer_at)
             return
         await self._open_dynamic(file_len)
-        if footer.disk_type == fmt.TYPE_DIFFERENCING and not node.backing_disabled():
+        if footer.disk_type == fmt.TYPE_DIFFERENCING:
             await self._open_parent()
 
     def _where(self) -> str | None:
@@ -191,6 +191,9 @@ class VpcDriver:
 
     async def _open_parent(self) -> None:
         """Differencing disk: the parent named by the locators (relative first), else the header's name."""
+        if self.node.backing_disabled():
+            await self.node.open_backing(None)  # consumes backing=null
+            return
         names: list[str] = []
         order = {fmt.PLAT_W2RU: 0, fmt.PLAT_W2KU: 1, fmt.PLAT_MACX: 2}
         for loc in sorted(self.dyn.locators, key=lambda c: order.get(c.platform, 9)):
@@ -207,6 +210,9 @@ class VpcDriver:
         for extra in ([header_name] if header_name else []) + [n.rsplit("/", 1)[-1] for n in names]:
             if extra not in names:
                 names.append(extra)
+        # Only plain paths: a Windows drive path is useless here (its base name is tried instead), and an
+        # untrusted image must not make us open json: trees or network URLs.
+        names = [n for n in names if ":" not in n.split("/", 1)[0]]
         if not names and not self.node.has_child_spec("backing"):
             raise OpenError("differencing VHD names no parent (no parent locator and no parent name)")
         self.backing_name = names[0] if names else None
@@ -219,7 +225,7 @@ class VpcDriver:
                 await self.node.open_backing(name, None)
                 self.backing_name = name
                 return
-            except OpenError as e:
+            except BlockGraphError as e:
                 errors.append(f"{name}: {e}")
         raise OpenError("Could not open the parent of differencing VHD: " + "; ".join(errors))
 
