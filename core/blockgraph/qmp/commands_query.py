@@ -19,7 +19,52 @@ PERM_QAPI = ((Perm.CONSISTENT_READ, "consistent-read"), (Perm.WRITE, "write"),
              (Perm.WRITE_UNCHANGED, "write-unchanged"), (Perm.RESIZE, "resize"))
 
 
+# QEMU's strong_runtime_opts: options that change what a node shows, so its name must carry them. Used
+# for drivers whose options do not say so themselves (``opt(..., strong=True)``).
+STRONG_OPTIONS = {"null-co": ("size", "read-zeroes"), "null-aio": ("size", "read-zeroes"),
+                  "raw": ("offset", "size")}
+
+
+def _strong(node: Node) -> dict[str, Any]:
+    import attrs
+
+    from ..options import option_fields
+
+    if node.options is None or not attrs.has(type(node.options)):
+        return {}
+    fields = option_fields(type(node.options))
+    named = STRONG_OPTIONS.get(node.driver_name, ())
+    out = {}
+    for key, field in fields.items():
+        if field.metadata.get("strong") or key in named:
+            value = getattr(node.options, field.name)
+            if value is not None and value != field.default:
+                out[key] = value
+    return out
+
+
+def _needs_json(node: Node, depth: int = 0) -> bool:
+    if _strong(node):
+        return True
+    return depth < 64 and any(_needs_json(c.node, depth + 1) for n, c in node.children.items() if n != "backing")
+
+
+def _full_options(node: Node) -> dict[str, Any]:
+    opts: dict[str, Any] = {"driver": node.driver_name, **_strong(node)}
+    if not node.children and node.filename:
+        opts["filename"] = node.filename
+    for name, child in node.children.items():
+        if name != "backing":
+            opts[name] = _full_options(child.node)
+    return opts
+
+
 def node_filename(node: Node) -> str:
+    """bs->filename: the plain file name, or ``json:{...}`` when options the name cannot show are set."""
+    if _needs_json(node):
+        from ..cli.img_qjson import dumps
+
+        return "json:" + dumps(_full_options(node), pretty=False)
     return node.filename or f"{node.driver_name}://"
 
 

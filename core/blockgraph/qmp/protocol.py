@@ -90,8 +90,10 @@ def event(name: str, data: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 def encode(msg: dict[str, Any], pretty: bool = False) -> bytes:
-    text = json.dumps(msg, indent=4 if pretty else None, separators=None if pretty else (", ", ": "))
-    return (text + "\r\n").encode()
+    """One reply line, keys in QEMU's QDict order, so replies are byte-identical to QEMU's."""
+    from ..cli.img_qjson import dumps
+
+    return (dumps(msg, pretty=pretty) + "\r\n").encode()
 
 
 # ---------------------------------------------------------------- framing

@@ -1,0 +1,98 @@
+"""The same --blockdev lines given to the real qemu-storage-daemon and to ``blockgraph serve``: the QMP
+query results have the same shape and the same values for drivers, filenames, ro, cache and detect-zeroes."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from blockgraph.daemon.harness import QSD, ServeProcess
+
+qmp_mod = pytest.importorskip("qemu.qmp", reason="qemu.qmp (the test extra) is not installed")
+pytestmark = pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None,
+                                reason="qemu-storage-daemon (Debian qemu-system-common) not installed")
+MiB = 1 << 20
+COMPARED = ("drv", "file", "ro", "cache", "detect_zeroes", "backing_file_depth", "encrypted", "bps", "iops",
+            "write_threshold")
+IMAGE_COMPARED = ("format", "filename", "virtual-size")
+
+
+def lines(d: Path) -> list[str]:
+    a, b = d / "a.raw", d / "b.raw"
+    return [
+        f"driver=file,filename={a},node-name=fa",
+        "driver=raw,file=fa,node-name=ra,detect-zeroes=unmap,discard=unmap",
+        f"driver=file,filename={b},node-name=fb,read-only=on,cache.direct=on,cache.no-flush=on",
+        "null-co,node-name=nul,size=65536,detect-zeroes=on",
+        f'{{"driver": "raw", "node-name": "rj", "read-only": true, "file": {{"driver": "file", '
+        f'"filename": "{b}"}}}}',
+        "driver=raw,file=fb,node-name=part,force-share=on,read-only=on",
+        "driver=raw,file=fa,node-name=window,offset=4096,size=8192",
+    ]
+
+
+async def queries(sock: str) -> dict[str, Any]:
+    qmp = qmp_mod.QMPClient("interop")
+    await qmp.connect(sock)
+    try:
+        return {"flat": await qmp.execute("query-named-block-nodes", {"flat": True}),
+                "tree": await qmp.execute("query-named-block-nodes"),
+                "graph": await qmp.execute("x-debug-query-block-graph"),
+                "block": await qmp.execute("query-block"),
+                "exports": await qmp.execute("query-block-exports")}
+    finally:
+        await qmp.disconnect()
+
+
+@pytest.fixture(scope="module")
+def both(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, Any]]:
+    d = tmp_path_factory.mktemp("qsd")
+    for name in ("a.raw", "b.raw"):
+        with open(d / name, "wb") as f:
+            f.truncate(MiB)
+    args = [x for line in lines(d) for x in ("--blockdev", line)]
+    out = []
+    for program, sub in ((QSD, "qsd"), (None, "bg")):
+        (d / sub).mkdir()
+        with ServeProcess(d / sub, args, program=program) as proc:
+            out.append(asyncio.run(queries(proc.socket)))
+            assert proc.stop() == 0
+    return out[0], out[1]
+
+
+def named(result: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {n["node-name"]: n for n in result if not n["node-name"].startswith("#")}
+
+
+def test_same_nodes_same_keys_same_values(both: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    theirs, ours = named(both[0]["flat"]), named(both[1]["flat"])
+    assert set(theirs) == set(ours) == {"fa", "ra", "fb", "nul", "rj", "part", "window"}
+    for name, q in theirs.items():
+        b = ours[name]
+        assert set(b) == set(q), name
+        assert {k: b[k] for k in COMPARED} == {k: q[k] for k in COMPARED}, name
+        assert {k: b["image"][k] for k in IMAGE_COMPARED} == {k: q["image"][k] for k in IMAGE_COMPARED}, name
+
+
+def test_node_list_order_is_newest_first(both: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    order = [[n["node-name"] for n in r["flat"] if not n["node-name"].startswith("#")] for r in both]
+    assert order[0] == order[1]
+
+
+def test_generated_child_names_and_graph_edges_match(both: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    def edges(result: dict[str, Any]) -> set[tuple[str, str, str]]:
+        names = {n["id"]: n["name"] for n in result["graph"]["nodes"]}
+        gen = lambda n: "#gen" if n.startswith("#") else n  # noqa: E731 - QEMU's counter differs
+        return {(gen(names[e["parent"]]), gen(names[e["child"]]), e["name"]) for e in result["graph"]["edges"]}
+
+    assert edges(both[1]) == edges(both[0])
+    assert sum(n["node-name"].startswith("#") for n in both[0]["flat"]) == \
+        sum(n["node-name"].startswith("#") for n in both[1]["flat"])
+
+
+def test_no_backends_no_exports_on_either(both: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    assert both[0]["block"] == both[1]["block"] == []
+    assert both[0]["exports"] == both[1]["exports"] == []
