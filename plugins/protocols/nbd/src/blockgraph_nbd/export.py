@@ -46,13 +46,14 @@ def _server(daemon: Any) -> NbdServer:
     return server
 
 
-def _node(daemon: Any, name: str) -> Any:
+def _node(daemon: Any, name: str, *, device: bool) -> Any:
+    """A node by name, or (``device``, as nbd-server-add) also a BlockBackend's root (QEMU's bdrv_lookup_bs)."""
     lookup = getattr(daemon, "lookup", None)
     if lookup is not None:
-        return lookup(name, name)
+        return lookup(name if device else None, name)
     node = daemon.session.nodes.get(name)
     if node is None:
-        raise _error(f"Cannot find device='{name}' nor node-name='{name}'")
+        raise _error(f"Cannot find device='{name if device else ''}' nor node-name='{name}'")
     return node
 
 
@@ -144,7 +145,7 @@ class NbdExportType:
         _unexpected(options, EXPORT_KEYS)
         server = _server(daemon)
         node_name = str(options["node-name"])
-        node = _node(daemon, node_name)
+        node = _node(daemon, node_name, device=False)
         name = str(options.get("name", node_name))
         if server.find_export(name) is not None:
             raise _error(f"NBD server already has export named '{name}'")
@@ -183,11 +184,11 @@ async def qmp_nbd_server_add(daemon: Any, args: dict[str, Any]) -> None:
     server = _server(daemon)
     device = str(args["device"])
     name = str(args.get("name", device))
-    if server.find_export(name) is not None:
-        raise _error(f"NBD server already has export named '{name}'")
     if name in daemon.exports:
         raise _error(f"Block export id '{name}' is already in use")
-    node = _node(daemon, device)
+    if server.find_export(name) is not None:
+        raise _error(f"NBD server already has export named '{name}'")
+    node = _node(daemon, device, device=True)
     writable = parse_bool(args.get("writable", False)) and not node.read_only
     options: dict[str, Any] = {"type": "nbd", "id": name, "node-name": node.name, "name": name,
                                "writable": writable, "allocation-depth": args.get("allocation-depth", False)}
