@@ -155,6 +155,8 @@ async def _main(session: Session, argv: list[str]) -> int:
             _messages(res)
             res.leaks_fixed, res.corruptions_fixed = fixed
     except BlockGraphError as e:
+        for line in getattr(e, "check_messages", ()):  # what the driver found before it had to stop
+            sys.stderr.write(line + "\n")
         raise ImgExit(f"Check failed: {_reason(e)}") from None
     if output == "json":
         qprint(quiet, dumps(to_json(res, filename, blk.node.driver_name)))

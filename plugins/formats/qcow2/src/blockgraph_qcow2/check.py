@@ -11,12 +11,13 @@ refcounts. The per-problem lines are QEMU's and go into ``CheckResult.messages``
 
 from __future__ import annotations
 
+import errno
 import struct
 from array import array
 from typing import TYPE_CHECKING, Any
 
 from blockgraph.driver import CheckFix, CheckResult
-from blockgraph.errors import BlockGraphError
+from blockgraph.errors import BlockGraphError, BlockIOError
 
 from .constants import (
     AUTOCLEAR_BITMAPS,
@@ -407,7 +408,9 @@ async def check_refcounts(drv: Any, res: CheckResult, fix: CheckFix) -> None:
         if c.rebuild:
             res.messages.append("ERROR need to rebuild refcount structures")
             res.check_errors += 1
-            raise BlockGraphError("need to rebuild refcount structures")
+            err = BlockIOError(errno.EIO, op="check", detail="need to rebuild refcount structures")
+            err.check_messages = list(res.messages)  # type: ignore[attr-defined]  # printed before the failure
+            raise err
         if res.leaks or res.corruptions:
             _restore(res, pre)
             highest = await c.compare(fix)
@@ -435,7 +438,7 @@ def _alloc_imrt(refs: array, count: int, first_free: int) -> tuple[int, int]:
     return start, first_free
 
 
-async def rebuild_refcounts(img: Image, c: Checker) -> None:
+async def rebuild_refcounts(img: Image, c: Checker, header_order: bool = False) -> None:
     """Write a new refcount structure from the in-memory count (QEMU's rebuild_refcount_structure).
 
     The old structure stays allocated in the new one; the leak check that follows frees it.
@@ -478,9 +481,12 @@ async def rebuild_refcounts(img: Image, c: Checker) -> None:
             break
     await img.file.pwritev(start * cs, memoryview(struct.pack(f">{len(reftable)}Q", *reftable)))
     await img.file.flush()
-    await img.file.pwritev(48, memoryview(struct.pack(">QI", start * cs, nclusters)))
-    await img.file.flush()
     img.h.refcount_table_offset, img.h.refcount_table_clusters = start * cs, nclusters
+    if header_order:  # a new refcount width: order and table switch in one header write
+        await img.file.pwritev(0, memoryview(img.h.pack()))
+    else:
+        await img.file.pwritev(48, memoryview(struct.pack(">QI", start * cs, nclusters)))
+    await img.file.flush()
     rc.table = reftable
     rc.cache.entries.clear()
     rc.cache.dirty.clear()

@@ -13,6 +13,8 @@ from blockgraph.errors import BlockIOError, ImageCorrupt, OpenError, OptionError
 from blockgraph.perms import ChildRole
 
 from . import compress
+from .amend import AmendMixin
+from .check import CheckMixin
 from .constants import (
     AUTOCLEAR_DATA_FILE_RAW,
     COMPRESSION_NAMES,
@@ -25,15 +27,19 @@ from .constants import (
 )
 from .header import Header
 from .image import Image
+from .measure import MeasureMixin
 from .options import CREATE_SHOWN_DEFAULTS, Qcow2CreateOptions, Qcow2Options, cache_clusters, cache_sizes
 from .resize import ResizeMixin
+from .snapshot import SnapshotMixin
+from .vmstate import VmstateMixin
 from .write import FullDiscardMixin, WriteMixin
 
 _UNALLOC = (ClusterType.UNALLOCATED, ClusterType.UNALLOCATED_ALLOC)
 _ZERO = (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC)
 
 
-class Qcow2Driver(WriteMixin, FullDiscardMixin, ResizeMixin):
+class Qcow2Driver(WriteMixin, FullDiscardMixin, ResizeMixin, CheckMixin, SnapshotMixin, VmstateMixin, AmendMixin,
+                  MeasureMixin):
     name: ClassVar[str] = "qcow2"
     kind: ClassVar[DriverKind] = DriverKind.FORMAT
     api_version: ClassVar[int] = 1
@@ -80,6 +86,7 @@ class Qcow2Driver(WriteMixin, FullDiscardMixin, ResizeMixin):
         img.lazy = lazy
         self.cluster_size = h.cluster_size
         await img.load(self.file.getlength())
+        await self.load_snapshots()
         await self._open_data_file(h)
         if h.backing_file and not node.backing_disabled():
             if h.data_file_raw:
@@ -123,11 +130,9 @@ class Qcow2Driver(WriteMixin, FullDiscardMixin, ResizeMixin):
         if h.incompatible_features & INCOMPAT_DATA_FILE:
             default = None
             if h.data_file and not self.node.has_child_spec("data-file"):
-                from blockgraph.backing import full_backing_filename
-
+                # As QEMU: the name is opened as given (relative to the working directory, not the image).
                 registry = self.node.graph_node.session.registry
-                path = full_backing_filename(self.node.graph_node.filename, h.data_file, registry)
-                default = {"driver": registry.protocol_for(path) or "file", "filename": path}
+                default = {"driver": registry.protocol_for(h.data_file) or "file", "filename": h.data_file}
             if default is None and not self.node.has_child_spec("data-file"):
                 raise OpenError("'data-file' is required for this image")
             img.data = await self.node.open_child("data-file", ChildRole.DATA, default=default)

@@ -298,7 +298,7 @@ class SnapshotMixin:
         async with await self._locked():
             await img.flush_metadata()
             if sn.disk_size != img.h.size:
-                await self._set_size(sn.disk_size)
+                await self._snap_set_size(sn.disk_size)
             if sn.l1_size > len(img.l1):
                 await grow_l1(img, sn.l1_size)
             new_l1 = await read_l1(img, sn.l1_table_offset, sn.l1_size)
@@ -316,7 +316,7 @@ class SnapshotMixin:
             await img.flush_metadata()
             await img.file.flush()
 
-    async def _set_size(self, size: int) -> None:
+    async def _snap_set_size(self, size: int) -> None:
         from blockgraph.io import sector_length
 
         img = self.img
