@@ -148,3 +148,4 @@ def _device(cl: CommandLine, text: str) -> None:
     if exp.device is not None:
         raise OptionError(f"Drive '{ref}' is already in use by another device")
     exp.device = device
+    exp.backend["removable"] = legacy.device_removable(str(opts.get("driver")))

@@ -97,6 +97,14 @@ def removable(interface: str, media: str) -> bool:
     return interface in ("none", "floppy", "sd") or (media == "cdrom" and interface in ("ide", "scsi", "xen"))
 
 
+REMOVABLE_DEVICES = ("ide-cd", "scsi-cd", "floppy", "sd-card", "xen-cdrom", "usb-storage")
+
+
+def device_removable(driver: str) -> bool:
+    """``removable`` once ``-device DRIVER,drive=...`` claims an ``if=none`` drive."""
+    return driver in REMOVABLE_DEVICES
+
+
 # ------------------------------------------------------------------ shortcuts
 
 SHORTCUTS = {"-hda": 0, "-hdb": 1, "-hdc": 2, "-hdd": 3}
