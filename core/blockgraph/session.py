@@ -14,7 +14,7 @@ from . import io
 from .driver import DriverKind
 from .errors import BlockGraphError, OpenError, OptionError
 from .log import get_logger
-from .node import Node, NodeContext, close_node, detach, update_perms
+from .node import Node, NodeContext, _reachable, close_node, detach, update_perms
 from .options import merge, one_of, opt, optional, parse_bool, parse_json, parse_str, structure
 from .perms import ChildRole
 from .plugins import PluginHost
@@ -119,7 +119,9 @@ class Session:
         for node in sorted(self.nodes.values(), key=lambda n: len(n.parents)):
             if not node.parents:
                 await close_node(node)
-        for node in list(self.nodes.values()):
+        # Users still attached (unnamed backends) hold the rest: close parents before their children, so a
+        # format's cached metadata is written while its file is still open.
+        for node in _reachable(list(self.nodes.values())):
             await close_node(node)
         self.registry.pm.hook.blockgraph_unconfigure(session=self)
         self._pool.shutdown()

@@ -87,7 +87,8 @@ def initial_header(o: Qcow2CreateOptions, version: int) -> Header:
             h.extensions.append(Extension(EXT_DATA_FILE, o.data_file.encode()))
             if o.data_file_raw:
                 h.autoclear_features |= AUTOCLEAR_DATA_FILE_RAW
-        h.extensions.append(Extension(EXT_FEATURE_TABLE, feature_table()))
+        if cs > 4096:  # QEMU leaves the table out of small clusters, to keep room for a backing file name
+            h.extensions.append(Extension(EXT_FEATURE_TABLE, feature_table()))
     return h
 
 
@@ -107,7 +108,6 @@ def _file_spec(session: Any, filename: str) -> dict[str, Any]:
 
 
 async def create_image(session: Any, filename: str, o: Qcow2CreateOptions) -> None:
-    from blockgraph.backing import full_backing_filename
     from blockgraph.node import close_node
 
     version = validate(o)
@@ -117,7 +117,7 @@ async def create_image(session: Any, filename: str, o: Qcow2CreateOptions) -> No
     await _create_protocol_file(session, filename, 0)
     data_spec = None
     if o.data_file:
-        data_path = full_backing_filename(filename, o.data_file, session.registry)
+        data_path = o.data_file  # relative to the working directory, as qemu-img creates and opens it
         await _create_protocol_file(session, data_path, size)
         data_spec = _file_spec(session, data_path)
     file_node = await session.open_node(_file_spec(session, filename))

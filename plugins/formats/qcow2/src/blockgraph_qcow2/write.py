@@ -249,6 +249,8 @@ class WriteMixin:
                           ) -> None:
         """Make [lo, hi) (sub)cluster-aligned read as zeros through L2 entries (or, v2 discard, unallocated)."""
         img = self.img
+        if img.h.data_file_raw:  # the raw data file must read the same as the image
+            await self.data.pwrite_zeroes(lo, hi - lo, ReqFlags.MAY_UNMAP if unmap else ReqFlags.NONE)
         _cs, cbits = self.cluster_size, img.cbits
         pos = lo
         while pos < hi:
