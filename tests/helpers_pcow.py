@@ -144,6 +144,13 @@ class PcowDriver:
 
     # ---------------------------------------------------------------- optional hooks
 
+    def info(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"cluster-size": self.cluster}
+        if self.backing_file:
+            out["backing-filename"] = self.backing_file
+            out["backing-filename-format"] = self.backing_fmt
+        return out
+
     async def reopen_prepare(self, options: PcowOptions, read_only: bool) -> None:
         pass
 
@@ -161,6 +168,7 @@ class PcowDriver:
         self.hdr[32:288] = bytes(256)
         self.hdr[32:32 + len(name or "")] = (name or "").encode()
         self.hdr[256:256 + len(fmt or "")] = (fmt or "").encode()
+        self.backing_file, self.backing_fmt = name, fmt
         await self.file.pwritev(0, memoryview(self.hdr))
 
     async def check(self, fix: CheckFix) -> CheckResult:
