@@ -216,3 +216,35 @@ def test_missing_format_plugin_names_the_distribution(bg_plugins: Any) -> None:
     bare = bg_plugins(block=["vmdk"])
     with pytest.raises(DriveError, match="blockgraph-vmdk"):
         expand("file=a.vmdk,format=vmdk", bare)
+
+
+# ------------------------------------------------------------------ any input: a DriveError or an expansion
+
+_KEYS = ["file", "format", "if", "bus", "unit", "index", "media", "id", "node-name", "readonly", "snapshot",
+         "cache", "aio", "discard", "detect-zeroes", "copy-on-read", "rerror", "werror", "bps", "iops_size",
+         "group", "throttling.bps-total-max", "file.locking", "file.filename", "file.driver", "driver",
+         "cache.direct", "backing.file", "stats-intervals.0", "stats-intervals.1", "x.0", "file.0"]
+_VALUES = ["", "on", "off", "raw", "qcow2", "file", "none", "ide", "virtio", "0", "7", "-1", "abc", "a.img",
+           'json:{"driver":"raw"}', "json:[1]", "json:{", "foo:bar", "unmap", "cdrom", "1000", "x,,y", "null-co"]
+
+
+def test_any_option_mix_gives_a_drive_error_or_an_expansion(host: PluginHost) -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    part = st.one_of(st.tuples(st.sampled_from(_KEYS), st.sampled_from(_VALUES)).map(lambda kv: "=".join(kv)),
+                     st.sampled_from(_KEYS), st.text(alphabet="ab=,.:", max_size=6))
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(st.lists(part, max_size=6))
+    def check(parts: list[str]) -> None:
+        try:
+            exp = expand(",".join(parts), host)
+        except DriveError as e:
+            assert e.reason
+            return
+        names = [bd["node-name"] for bd in exp.blockdevs]
+        assert len(names) == len(set(names))
+        assert exp.root is None or exp.root in names
+
+    check()

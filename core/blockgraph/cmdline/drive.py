@@ -248,6 +248,8 @@ def _build_nodes(exp: DriveExpansion, opts: dict[str, Any], filename: str | None
         if key in opts:
             opts[key] = get_bool(opts, key, False)
     tree: dict[str, Any] = unflatten(opts)
+    if isinstance(tree.get("file"), list):  # file.0=... is just an option named "0" to QEMU
+        tree["file"] = {str(i): v for i, v in enumerate(tree["file"])}
     if filename is not None and filename.startswith("json:"):
         tree = merge(parse_json(filename[5:], "json: filename"), tree)  # separate options win
         filename = None
@@ -278,6 +280,8 @@ def _build_nodes(exp: DriveExpansion, opts: dict[str, Any], filename: str | None
             file_spec["driver"] = _protocol_for(host, str(file_spec["filename"]))
         if not file_spec:
             raise OptionError('A block device must be specified for "file"')
+        if "node-ref" not in file_spec and "driver" not in file_spec:
+            raise OptionError("Must specify either driver or file")
         top["driver"] = driver or PROBE
         exp.probe = driver is None
         proto = _inherit(top, file_spec) if "node-ref" not in file_spec else None
