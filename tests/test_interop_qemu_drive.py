@@ -55,6 +55,8 @@ BATCHES: list[list[str]] = [
      "-drive file={raw},format=raw,if=none,copy-on-read=on",
      "-drive file={raw},format=raw,if=none,detect-zeroes=unmap",
      "-drive file={raw},format=raw,if=none,discard=unmap,detect-zeroes=unmap",
+     "-drive file={raw},format=raw,if=none,cache=none,aio=native",
+     "-drive file={raw},format=raw,if=none,aio=io_uring",
      "-drive file={raw},format=raw,if=none,id=dv",
      "-device virtio-blk-pci,drive=dv"],
     ["-drive file={raw},format=raw,if=none,snapshot=on,id=s1",
