@@ -46,7 +46,7 @@ class Qcow2Driver(WriteMixin, FullDiscardMixin, ResizeMixin, CheckMixin, Snapsho
     concurrency: ClassVar[Concurrency] = Concurrency.PARALLEL
     child_options: ClassVar[tuple[str, ...]] = ("file", "data-file", "backing")
     supports_backing: ClassVar[bool] = True
-    supported_write_flags: ClassVar[ReqFlags] = ReqFlags.NONE
+    supported_write_flags: ClassVar[ReqFlags] = ReqFlags.WRITE_COMPRESSED
     supported_zero_flags: ClassVar[ReqFlags] = ReqFlags.MAY_UNMAP | ReqFlags.NO_FALLBACK
     Options: ClassVar[type] = Qcow2Options
     CreateOptions: ClassVar[type] = Qcow2CreateOptions

@@ -141,6 +141,14 @@ class Refcounts:
 
     async def alloc_clusters(self, n: int) -> int:
         """Find ``n`` contiguous free clusters, set their refcounts to 1, return the host offset."""
+        start = await self.find_free_covered(n)
+        for c in range(start, start + n):
+            await self.set(c, 1)
+        self.free_hint = start + n
+        return start << self.cbits
+
+    async def find_free_covered(self, n: int) -> int:
+        """The first cluster of ``n`` free contiguous ones whose refcount blocks exist (refcounts untouched)."""
         while True:
             start = await self._find_free(n)
             uncovered = [r for r in range(start // self.entries, (start + n - 1) // self.entries + 1)
@@ -151,21 +159,23 @@ class Refcounts:
             await self._new_block(r, max(start, r * self.entries))
         if (start + n) << self.cbits > MAX_HOST_OFFSET:
             raise self.corrupt("Cannot allocate clusters past the supported host offset range")
-        for c in range(start, start + n):
-            await self.set(c, 1)
-        self.free_hint = start + n
-        return start << self.cbits
+        return start
 
     async def alloc_bytes(self, size: int) -> int:
-        """A byte range for compressed data; clusters shared by several ranges count each of them."""
+        """A byte range for compressed data (QEMU's qcow2_alloc_bytes): packed after the previous one, spilling
+        into the next cluster when that one is free; every cluster the range touches gains one reference."""
+        cs = self.cs
         off = self.free_byte_offset
-        if off and (off % self.cs) and (off % self.cs) + size <= self.cs:
-            await self.update(off, 1, 1)
-        else:
-            nclusters = -(-size // self.cs)
-            off = await self.alloc_clusters(nclusters)
+        if off and await self.get(off >> self.cbits) >= self.max_refcount:
+            off = 0  # the partly used cluster cannot take another reference
+        if not off or (off % cs) + size > cs:
+            start = await self.find_free_covered(-(-size // cs))
+            if not off or -(-off // cs) != start:
+                off = start << self.cbits
+        await self.update(off, size, 1)
+        self.free_hint = max(self.free_hint, -(-(off + size) // cs))
         end = off + size
-        self.free_byte_offset = end if end % self.cs else 0
+        self.free_byte_offset = end if end % cs else 0
         return off
 
     async def _find_free(self, n: int) -> int:

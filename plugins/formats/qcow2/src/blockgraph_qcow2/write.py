@@ -120,6 +120,10 @@ class WriteMixin:
 
     async def pwritev(self, offset: int, buf: memoryview, flags: ReqFlags) -> None:
         img = self.img
+        if flags & ReqFlags.WRITE_COMPRESSED:
+            for pos in range(0, len(buf), self.cluster_size):
+                await self._write_compressed(offset + pos, buf[pos:pos + self.cluster_size])
+            return
         n = len(buf)
         pos = 0
         while pos < n:
@@ -212,6 +216,47 @@ class WriteMixin:
                 for entry, _ in old:
                     await self._free_host(entry, typ, discard=self._discard_snapshot)
         return end - start
+
+    async def _write_compressed(self, offset: int, data: memoryview) -> None:
+        """One cluster (or the image's partial last one) stored compressed (qcow2_co_pwritev_compressed)."""
+        img = self.img
+        cs = self.cluster_size
+        if img.has_data_file:
+            raise BlockIOError(errno.ENOTSUP, node=self.node.node_name, op="write", offset=offset,
+                               detail="Compression is not supported with an external data file")
+        if offset % cs or (len(data) != cs and offset + len(data) < img.h.size):
+            raise BlockIOError(errno.EINVAL, node=self.node.node_name, op="write", offset=offset,
+                               length=len(data), detail="compressed writes must cover whole clusters")
+        plain = bytes(data) if len(data) == cs else bytes(data) + bytes(cs - len(data))
+        from .compress import compress
+
+        packed = compress(img.h.compression_type, plain)
+        if len(packed) > cs - 1:  # no gain: QEMU writes a normal cluster
+            await self.pwritev(offset, memoryview(plain)[:len(data)], ReqFlags.NONE)
+            return
+        c = offset >> img.cbits
+        while not await self._reserve(c, c + 1):
+            pass
+        try:
+            async with self.meta_lock:
+                await self._meta_changing()
+                _, table = await self._get_l2_for_write(c >> img.l2_bits)
+                i = c & (img.l2_entries - 1)
+                entry, _ = img.l2_get(table, i)
+                if entry & (L2E_OFFSET_MASK | OFLAG_COMPRESSED):
+                    raise BlockIOError(errno.EIO, node=self.node.node_name, op="write", offset=offset,
+                                       detail="Compression can't overwrite an allocated cluster")
+                host = await img.rc.alloc_bytes(len(packed))
+            await self.file.pwritev(host, memoryview(packed))
+            x = 62 - (img.cbits - 8)
+            nsectors = ((host + len(packed) - 1) >> 9) - (host >> 9)
+            async with self.meta_lock:
+                _, table = await self._get_l2_for_write(c >> img.l2_bits)
+                img.l2_put(table, i, OFLAG_COMPRESSED | (nsectors << x) | host, 0)
+                img.l2_cache.mark_dirty(img.l2_offset(c >> img.l2_bits))
+                img.l2_cache.needs_flush = True
+        finally:
+            self._release(c, c + 1)
 
     @property
     def _discard_snapshot(self) -> bool:
