@@ -195,7 +195,7 @@ class NbdDriver:
         except BaseException:
             sock.close()
             raise
-        return Connection(sock, info)
+        return Connection(sock, info, on_broken=self._lost)
 
     def _use(self, conn: Connection) -> None:
         info = conn.info
