@@ -3,6 +3,10 @@
 Protocol node (filename prefix, ``file`` by default), format node (given, or ``probe``),
 the temporary overlay of ``snapshot=on`` and the copy-on-read filter; every node carries the
 values it would inherit, so the list also works as separate ``-blockdev`` definitions.
+
+QEMU 7.2 implements ``copy-on-read=on`` as a flag on the top node; blockgraph's backend has no
+copy-on-read path of its own, so the expansion uses the ``copy-on-read`` filter node that QEMU
+documents as the ``-blockdev`` equivalent (plugin blockgraph-copy-on-read).
 """
 
 from __future__ import annotations
