@@ -451,3 +451,19 @@ def test_fast_zero(tmp_path: Path, servers: list[Server], mode: str) -> None:
             await session.close()
 
     asyncio.run(go())
+
+
+@need_nbdkit
+@need_qemu
+def test_nbdkit_file_map_and_convert_match_qemu_img(tmp_path: Path, servers: list[Server]) -> None:
+    image = make_image(tmp_path)
+    srv = nbdkit(tmp_path, "file", str(image), tcp=True)
+    servers.append(srv)
+    ours = run(*BLOCKGRAPH, "img", "map", "-f", "raw", "--output=json", srv.url)
+    theirs = run(QEMU_IMG, "map", "-f", "raw", "--output=json", srv.url)
+    assert ours.returncode == 0, ours.stderr
+    assert json.loads(ours.stdout) == json.loads(theirs.stdout)
+    out = tmp_path / "out.qcow2"
+    res = run(*BLOCKGRAPH, "img", "convert", "-f", "raw", "-O", "qcow2", srv.url, str(out))
+    assert res.returncode == 0, res.stderr
+    assert run(QEMU_IMG, "compare", "-f", "raw", "-F", "qcow2", str(image), str(out)).returncode == 0

@@ -268,3 +268,36 @@ def test_lost_server_fails_requests_after_reconnect_delay(tmp_path: Path, delay:
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.interop
+@pytest.mark.skipif(not QEMU_NBD, reason="qemu-nbd missing")
+def test_open_timeout_waits_for_a_late_server(tmp_path: Path) -> None:
+    image = tmp_path / "disk.raw"
+    image.write_bytes(b"\5" * SIZE)
+    sock = str(tmp_path / "qn.sock")
+    procs: list[subprocess.Popen] = []
+
+    async def go() -> None:
+        async def late() -> None:
+            await asyncio.sleep(0.3)
+            procs.append(await asyncio.to_thread(start_qemu_nbd, image, sock))
+
+        starter = asyncio.ensure_future(late())
+        session = Session()
+        try:
+            node = await session.open_node({"driver": "nbd", "server": {"type": "unix", "path": sock},
+                                            "open-timeout": 15, "read-only": True})
+            back = bytearray(4096)
+            await io.preadv(node, 0, memoryview(back))
+            assert back == b"\5" * 4096
+        finally:
+            await starter
+            await session.close()
+
+    try:
+        run(go())
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
