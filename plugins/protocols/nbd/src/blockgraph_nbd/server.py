@@ -161,7 +161,7 @@ class NbdServer:
             out.append(s)
         if not out:
             reason = err.strerror if err else "no address"
-            raise BlockGraphError(f"Failed to bind socket: {reason}")
+            raise BlockGraphError(f"Failed to find an available port: {reason}")
         return out
 
     def addresses(self) -> list[Any]:
