@@ -356,10 +356,10 @@ class NbdDriver:
 
     # -------------------------------------------------------------- block status
 
-    async def _extent(self, ctx: int, offset: int, length: int) -> tuple[int, int]:
+    async def _extent(self, context: str, offset: int, length: int) -> tuple[int, int]:
         length = min(length, MAX_STATUS_REQUEST - MAX_STATUS_REQUEST % self.node.graph_node.limits.request_alignment)
         req = await self._call("block status", Cmd.BLOCK_STATUS, offset, length, CmdFlag.REQ_ONE)
-        extents = req.extents.get(ctx)
+        extents = req.extents.get(context)
         if not extents:
             raise BlockIOError(errno.EIO, node=self.node.node_name, op="block status", offset=offset, length=length,
                                detail="NBD server sent no extent for the negotiated meta context")
@@ -373,7 +373,7 @@ class NbdDriver:
         length = min(length, size - offset)
         if self.status_ctx is None:
             return BlockStatus(Status.DATA | Status.OFFSET_VALID, length, offset, self.node.graph_node)
-        elen, eflags = await self._extent(self.status_ctx, offset, length)
+        elen, eflags = await self._extent(self.context, offset, length)
         flags = Status.OFFSET_VALID
         if not eflags & p.STATE_HOLE:
             flags |= Status.DATA
@@ -385,7 +385,7 @@ class NbdDriver:
         """(length, depth) from ``qemu:allocation-depth``: 0 unallocated, 1 the top image, n > 1 a backing file."""
         if self.depth_ctx is None:
             raise NotSupported("NBD server does not offer qemu:allocation-depth")
-        return await self._extent(self.depth_ctx, offset, min(length, self.info.size - offset))
+        return await self._extent(p.CONTEXT_ALLOCATION_DEPTH, offset, min(length, self.info.size - offset))
 
 
 def _flat_fields(tree: dict[str, Any]) -> dict[str, Any]:

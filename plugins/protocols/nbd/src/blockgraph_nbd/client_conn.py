@@ -50,7 +50,7 @@ class Pending:
         self.fut, self.cmd, self.offset, self.length, self.buf = fut, cmd, offset, length, buf
         self.covered = 0
         self.error: ServerError | None = None
-        self.extents: dict[int, list[tuple[int, int]]] = {}
+        self.extents: dict[str, list[tuple[int, int]]] = {}  # meta context name -> extents
 
 
 class Connection:
@@ -62,7 +62,7 @@ class Connection:
         self.pending: dict[int, Pending] = {}
         self.cookie = 0
         self.broken: BaseException | None = None
-        self.context_ids = set(info.contexts.values())
+        self.context_names = {ctx: name for name, ctx in info.contexts.items()}
         # receiving
         self.rbuf = bytearray(READ_AHEAD)
         self.rview = memoryview(self.rbuf)
@@ -335,13 +335,14 @@ class Connection:
 
     def _status(self, hdr: p.ChunkHeader, req: Pending, view: memoryview) -> None:
         ctx, extents = p.decode_block_status(view)
-        if ctx not in self.context_ids:
+        name = self.context_names.get(ctx)
+        if name is None:
             raise ProtocolError(f"block status for meta context id {ctx}, which was not negotiated")
-        if ctx in req.extents:
+        if name in req.extents:
             raise ProtocolError(f"two block status chunks for meta context id {ctx}")
         if any(n == 0 for n, _ in extents):
             raise ProtocolError("block status extent of length 0")
-        req.extents[ctx] = extents
+        req.extents[name] = extents  # by name: a re-sent request may meet other ids
         self._chunk_end(hdr, req)
 
     def _error(self, hdr: p.ChunkHeader, req: Pending, view: memoryview) -> None:
