@@ -467,3 +467,32 @@ def test_nbdkit_file_map_and_convert_match_qemu_img(tmp_path: Path, servers: lis
     res = run(*BLOCKGRAPH, "img", "convert", "-f", "raw", "-O", "qcow2", srv.url, str(out))
     assert res.returncode == 0, res.stderr
     assert run(QEMU_IMG, "compare", "-f", "raw", "-F", "qcow2", str(image), str(out)).returncode == 0
+
+
+@need_nbdkit
+def test_block_size_constraints_are_honoured(tmp_path: Path, servers: list[Server]) -> None:
+    """The server refuses requests outside its advertised sizes, so success proves alignment and splitting."""
+    srv = nbdkit(tmp_path, "--filter=blocksize-policy", "memory", "4M", "blocksize-minimum=4096",
+                 "blocksize-preferred=65536", "blocksize-maximum=65536", "blocksize-error-policy=error")
+    servers.append(srv)
+
+    async def go() -> None:
+        from blockgraph import io
+
+        session, node = await open_node(srv.url)
+        try:
+            lim = node.limits
+            assert (lim.request_alignment, lim.opt_transfer, lim.max_transfer) == (4096, 65536, 65536)
+            await io.pwritev(node, 1000, memoryview(b"\x42" * 3000))  # read-modify-write of one 4 KiB block
+            data = b"".join(bytes([i % 251]) for i in range(MIB))
+            await io.pwritev(node, MIB, memoryview(data))  # split into 64 KiB requests
+            back = bytearray(4096)
+            await io.preadv(node, 0, memoryview(back))
+            assert back[:1000] == bytes(1000) and back[1000:4000] == b"\x42" * 3000
+            got = bytearray(MIB)
+            await io.preadv(node, MIB, memoryview(got))
+            assert got == data
+        finally:
+            await session.close()
+
+    asyncio.run(go())
