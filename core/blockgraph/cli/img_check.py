@@ -16,7 +16,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from ..driver import CheckFix, CheckResult
-from ..errors import BlockGraphError
+from ..errors import BlockGraphError, NotSupported
 from .img_opts import Getopt, ImgExit, expect, usage_error
 from .img_qjson import dumps
 from .img_util import cache_mode, open_backend, qprint, run
@@ -154,6 +154,8 @@ async def _main(session: Session, argv: list[str]) -> int:
             res = await run_check(node, CheckFix.NONE)
             _messages(res)
             res.leaks_fixed, res.corruptions_fixed = fixed
+    except NotSupported:  # a driver that cannot do this mode (vdi has no repair): qemu-img's -ENOTSUP text
+        raise ImgExit("This image format does not support checks", NOT_SUPPORTED) from None
     except BlockGraphError as e:
         for line in getattr(e, "check_messages", ()):  # what the driver found before it had to stop
             sys.stderr.write(line + "\n")

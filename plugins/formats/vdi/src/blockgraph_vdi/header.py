@@ -16,7 +16,7 @@ TYPE_DYNAMIC, TYPE_STATIC = 1, 2
 BLOCK_SIZE = 1 << 20  # the only block size QEMU (and VirtualBox) use
 UNALLOCATED = 0xFFFFFFFF
 DISCARDED = 0xFFFFFFFE  # a zero block: reads as zeros, no data
-BLOCKS_IN_IMAGE_MAX = 0x3FFFFFFF
+BLOCKS_IN_IMAGE_MAX = 0x1FFFFF80  # INT_MAX / 4, down to whole block-map sectors (QEMU)
 DISK_SIZE_MAX = BLOCKS_IN_IMAGE_MAX * BLOCK_SIZE
 TEXT = b"<<< QEMU VM Virtual Disk Image >>>\n"
 
