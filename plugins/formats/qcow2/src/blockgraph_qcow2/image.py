@@ -77,6 +77,11 @@ class Image:
         self.lazy = header.lazy_refcounts
         self.dirty_set = header.dirty
         self.compressed_mask = (1 << (62 - (self.cbits - 8))) - 1
+        self.l1_generation = 0  # bumped whenever an L1 entry is written (overlap check cache)
+        self._rb_key: tuple[int, int] | None = None
+        self._l2_key: tuple[int, int] | None = None
+        self._rb_set: frozenset[int] = frozenset()
+        self._l2_set: frozenset[int] = frozenset()
 
     def corrupt(self, what: str, offset: int | None = None) -> ImageCorrupt:
         return ImageCorrupt(what, node=self.node_name or None, offset=offset)
@@ -112,9 +117,52 @@ class Image:
         return off
 
     async def read_l2(self, l2_off: int) -> bytearray:
-        if l2_off + self.cs > max(self.file.getlength(), l2_off + self.cs) or l2_off >= MAX_HOST_OFFSET:
-            raise self.corrupt(f"L2 table offset {l2_off:#x} out of range")
+        t = self.l2_cache.peek(l2_off)
+        if t is not None:
+            return t
+        if l2_off >= self.file.getlength() or l2_off < self.cs:
+            raise self.corrupt(f"L2 table offset {l2_off:#x} out of range (file length {self.file.getlength()})",
+                               l2_off)
         return await self.l2_cache.get(l2_off)
+
+    def overlaps_metadata(self, host: int, length: int) -> str | None:
+        """Which metadata structure a data write to ``[host, host+length)`` would hit (QEMU's overlap check
+        for the cheap structures: header, active L1, refcount table, refcount blocks, active L2 tables)."""
+        cs = self.cs
+        end = host + length
+
+        def hit(start: int, size: int) -> bool:
+            return start < end and host < start + size
+
+        h = self.h
+        if hit(0, cs):
+            return "qcow2_header"
+        if h.l1_size and hit(h.l1_table_offset, h.l1_size * 8):
+            return "active L1 table"
+        if hit(h.refcount_table_offset, h.refcount_table_clusters * cs):
+            return "refcount table"
+        first, last = host // cs, (end - 1) // cs
+        for c in range(first, last + 1):
+            off = c * cs
+            if off in self._refblocks():
+                return "refcount block"
+            if off in self._l2_tables():
+                return "active L2 table"
+        return None
+
+    def _refblocks(self) -> frozenset[int]:
+        key = (id(self.rc.table), self.rc.generation)
+        if self._rb_key != key:
+            self._rb_set = frozenset(e & 0xFFFFFFFFFFFFFE00 for e in self.rc.table if e)
+            self._rb_key = key
+        return self._rb_set
+
+    def _l2_tables(self) -> frozenset[int]:
+        key = (id(self.l1), self.l1_generation)
+        if self._l2_key != key:
+            self._l2_set = frozenset(e & L1E_OFFSET_MASK for e in self.l1 if e & L1E_OFFSET_MASK)
+            self._l2_key = key
+        return self._l2_set
 
     def l2_get(self, table: bytearray, i: int) -> tuple[int, int]:
         if self.extl2:
@@ -232,12 +280,14 @@ class Image:
 
     async def write_l1_entry(self, i: int) -> None:
         """Write the aligned 512-byte L1 sector holding entry ``i`` (as QEMU's qcow2_write_l1_entry)."""
+        self.l1_generation += 1
         first = i - i % 64
         n = min(64, len(self.l1) - first)
         buf = struct.pack(f">{n}Q", *self.l1[first:first + n])
         await self.file.pwritev(self.h.l1_table_offset + 8 * first, memoryview(buf))
 
     async def write_l1(self) -> None:
+        self.l1_generation += 1
         buf = struct.pack(f">{len(self.l1)}Q", *self.l1)
         if buf:
             await self.file.pwritev(self.h.l1_table_offset, memoryview(buf))

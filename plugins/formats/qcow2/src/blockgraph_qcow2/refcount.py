@@ -45,6 +45,7 @@ class Refcounts:
         self.table: list[int] = []
         self.free_hint = 0  # cluster index where free-space search starts
         self.free_byte_offset = 0  # for compressed clusters: the next free byte in a partly used cluster
+        self.generation = 0  # bumped whenever the table changes (overlap check cache)
         self.node_name = node_name
         self.write_header_fields = write_header_fields  # async callback(h) persisting refcount table fields
 
@@ -204,6 +205,7 @@ class Refcounts:
         await self.file.pwritev(self.h.refcount_table_offset + 8 * rt_index, memoryview(struct.pack(">Q", off)))
         await self.file.flush()
         self.table[rt_index] = off
+        self.generation += 1
         await self.cache.new(off, blk)
         self.cache.dirty.discard(off)
 
@@ -265,5 +267,6 @@ class Refcounts:
         await self.file.pwritev(48, memoryview(struct.pack(">QI", toff, tclusters)))
         await self.file.flush()
         self.table = new_table
+        self.generation += 1
         self.free_hint = max(self.free_hint, area.stop)
         await self.update(old_off, old_clusters * self.cs, -1)

@@ -21,6 +21,7 @@ from blockgraph.driver import ReqFlags
 from blockgraph.errors import BlockIOError, NotSupported
 
 from .constants import (
+    INCOMPAT_CORRUPT,
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
     OFLAG_COMPRESSED,
@@ -116,6 +117,29 @@ class WriteMixin:
         if discard and await img.rc.get(host >> img.cbits) == 0:
             await _try_discard(self.file, host, self.cluster_size)
 
+    async def _check_overlap(self, host: int, length: int) -> None:
+        """Refuse a data write onto metadata and mark the image corrupt, as QEMU's overlap check does."""
+        img = self.img
+        if img.has_data_file:
+            return
+        what = img.overlaps_metadata(host, length)
+        if what is None:
+            return
+        if not img.h.incompatible_features & INCOMPAT_CORRUPT:
+            import struct
+            import sys
+
+            print(f"qcow2: Marking image as corrupt: Preventing invalid write on metadata (overlaps with {what}); "
+                  "further corruption events will be suppressed", file=sys.stderr)
+            img.h.incompatible_features |= INCOMPAT_CORRUPT
+            try:
+                await self.file.pwritev(72, memoryview(struct.pack(">Q", img.h.incompatible_features)))
+                await self.file.flush()
+            except BlockIOError:
+                pass
+        raise BlockIOError(errno.EIO, node=self.node.node_name, op="write", offset=host, length=length,
+                           detail=f"Preventing invalid write on metadata (overlaps with {what})")
+
     # ------------------------------------------------------------ pwritev
 
     async def pwritev(self, offset: int, buf: memoryview, flags: ReqFlags) -> None:
@@ -129,6 +153,7 @@ class WriteMixin:
         while pos < n:
             m = await img.lookup(offset + pos, n - pos, for_write=True)
             if m.type == CT.NORMAL:
+                await self._check_overlap(m.host, m.length)
                 await self.data.pwritev(m.host, buf[pos:pos + m.length])
                 pos += m.length
                 continue
@@ -180,6 +205,7 @@ class WriteMixin:
         cow_start = start - start % gran
         cow_end = min(-(-end // gran) * gran, c1 << cbits)
         base = c0 << cbits
+        await self._check_overlap(host + cow_start - base, cow_end - cow_start)
         if cow_start < start:
             head = bytearray(start - cow_start)
             await self.preadv(cow_start, memoryview(head), ReqFlags.NONE)
@@ -247,6 +273,7 @@ class WriteMixin:
                     raise BlockIOError(errno.EIO, node=self.node.node_name, op="write", offset=offset,
                                        detail="Compression can't overwrite an allocated cluster")
                 host = await img.rc.alloc_bytes(len(packed))
+            await self._check_overlap(host, len(packed))
             await self.file.pwritev(host, memoryview(packed))
             x = 62 - (img.cbits - 8)
             nsectors = ((host + len(packed) - 1) >> 9) - (host >> 9)
