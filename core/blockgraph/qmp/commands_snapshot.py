@@ -23,6 +23,7 @@ async def append(overlay: Node, old: Node, *, attach_backing: bool) -> None:
         try:
             if attach_backing:
                 backing_edge = attach(overlay, old, "backing", ChildRole.COW)
+                _tell_driver(overlay, backing_edge)
             for edge in [c for c in old.parents if c is not backing_edge]:
                 replace(edge, overlay)
                 moved.append(edge)
@@ -30,6 +31,16 @@ async def append(overlay: Node, old: Node, *, attach_backing: bool) -> None:
             for edge in moved:
                 replace(edge, old)
             raise
+
+
+def _tell_driver(overlay: Node, edge: Any) -> None:
+    """A format driver keeps its backing child from open: hand it the new one (``set_backing(child)`` when
+    the driver has it, else its ``backing`` attribute, the convention format drivers here follow)."""
+    hook = getattr(overlay.driver, "set_backing", None)
+    if callable(hook):
+        hook(edge)
+    elif hasattr(overlay.driver, "backing"):
+        overlay.driver.backing = edge
 
 
 @command("blockdev-snapshot-sync", {"*device": "str", "*node-name": "str", "snapshot-file": "str",
