@@ -132,3 +132,15 @@ def test_broken_footer_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(OpenError, match="Invalid footer"):
         bg_read_all(path)
+
+
+def test_corrupt_grain_among_many_is_named(tmp_path: Path) -> None:
+    """Adjacent grains are read and inflated together; a bad one among them still gets its own clear error."""
+    path = tmp_path / "vm.vmdk"
+    vmware_stream(path, {i: bytes([i]) * GRAIN for i in range(8)})
+    raw = bytearray(path.read_bytes())
+    third = raw.index(struct.pack("<Q", 3 * 128))  # the marker of grain 3
+    raw[third + 14:third + 22] = b"garbage!"
+    path.write_bytes(raw)
+    with pytest.raises(BlockIOError, match=f"compressed grain at offset {third} "):
+        bg_read_all(path)

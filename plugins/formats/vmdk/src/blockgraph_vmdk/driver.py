@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import errno
 import random
 from typing import Any, ClassVar
 
 import attrs
-from blockgraph.driver import BlockStatus, CheckFix, CheckResult, DriverKind, ReqFlags, Status
+from blockgraph.driver import BlockStatus, CheckFix, CheckResult, Concurrency, DriverKind, ReqFlags, Status
 from blockgraph.errors import BlockIOError, NotSupported, OpenError
 from blockgraph.options import opt, parse_bool
 from blockgraph.perms import ChildRole, Perm, default_child_perm
@@ -21,6 +20,7 @@ from .format import DESC_MAX, MAGIC_COWD, MAGIC_KDMV, SECTOR
 from .format import probe as probe_header
 from .open_sparse import open_sparse
 from .paths import ALLOW_OPTION, child_spec, extent_path
+from .rwlock import RWLock
 from .sparse import SparseExtent
 
 DESC_REGION = 20 * SECTOR  # what QEMU reads and rewrites of an embedded descriptor
@@ -46,6 +46,7 @@ class VmdkDriver:
     kind: ClassVar[DriverKind] = DriverKind.FORMAT
     api_version: ClassVar[int] = 1
     child_options: ClassVar[tuple[str, ...]] = ("file", "backing")
+    concurrency: ClassVar[Concurrency] = Concurrency.PARALLEL  # reads share self.lock, writes take it alone
     supports_backing: ClassVar[bool] = True
     Options: ClassVar[type] = VmdkOptions
     CreateOptions: ClassVar[type] = VmdkCreateOptions
@@ -62,7 +63,7 @@ class VmdkDriver:
     async def open(self, node: Any, options: VmdkOptions) -> None:
         self.node = node
         self.options = options
-        self.lock = asyncio.Lock()  # core serializes requests, but not flush_to_os, which appends grains
+        self.lock = RWLock()
         self.extents: list[Extent] = []
         self.readonly_children: set[str] = set()
         self.cid_updated = False
@@ -110,6 +111,7 @@ class VmdkDriver:
         writable = not self.node.read_only
         ext = await open_sparse(self.file, head, start=0, access="RW", type_name="", writable=writable,
                                 node_name=self.node.node_name)
+        ext.run_blocking = self.node.run_blocking
         self.extents.append(ext)
         self.create_type = "streamOptimized" if ext.compressed else (
             "vmfsSparse" if hdr.cowd else "monolithicSparse")
@@ -164,7 +166,9 @@ class VmdkDriver:
             await child.preadv(0, memoryview(head))
         if flen < 4 or head[:4] not in (MAGIC_KDMV, MAGIC_COWD):
             raise OpenError(f"VMDK extent '{path}' is not a sparse extent: Image not in VMDK format")
-        return await open_sparse(child, bytes(head), writable=not read_only, **common)
+        ext = await open_sparse(child, bytes(head), writable=not read_only, **common)
+        ext.run_blocking = self.node.run_blocking
+        return ext
 
     def child_perm(self, name: str, role: ChildRole, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
         want, share = default_child_perm(role, perm, shared, writable=not self.node.read_only)
@@ -228,7 +232,7 @@ class VmdkDriver:
         self.cid_checked = True
 
     async def preadv(self, offset: int, buf: memoryview, flags: ReqFlags) -> None:
-        async with self.lock:
+        async with self.lock.read():
             return await self._preadv(offset, buf, flags)
 
     async def _preadv(self, offset: int, buf: memoryview, flags: ReqFlags) -> None:
@@ -241,7 +245,7 @@ class VmdkDriver:
                 await ext.read(rel, piece)
 
     async def pwritev(self, offset: int, buf: memoryview, flags: ReqFlags) -> None:
-        async with self.lock:
+        async with self.lock.write():
             return await self._pwritev(offset, buf, flags)
 
     async def _pwritev(self, offset: int, buf: memoryview, flags: ReqFlags) -> None:
@@ -257,7 +261,7 @@ class VmdkDriver:
                 await ext.write(rel, piece, flags)
 
     async def pwrite_zeroes(self, offset: int, length: int, flags: ReqFlags) -> None:
-        async with self.lock:
+        async with self.lock.write():
             return await self._pwrite_zeroes(offset, length, flags)
 
     async def _pwrite_zeroes(self, offset: int, length: int, flags: ReqFlags) -> None:
@@ -298,7 +302,7 @@ class VmdkDriver:
         self.cid_updated = True
 
     async def flush_to_os(self) -> None:
-        async with self.lock:
+        async with self.lock.write():
             for ext in self.extents:
                 if isinstance(ext, SparseExtent) and ext.pending is not None:
                     await ext.commit()
@@ -307,7 +311,7 @@ class VmdkDriver:
         """Table writes go straight to the files; core flushes them next."""
 
     async def block_status(self, offset: int, length: int, want_zero: bool) -> BlockStatus:
-        async with self.lock:
+        async with self.lock.read():
             return await self._block_status(offset, length, want_zero)
 
     async def _block_status(self, offset: int, length: int, want_zero: bool) -> BlockStatus:

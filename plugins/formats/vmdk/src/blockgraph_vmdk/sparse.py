@@ -11,6 +11,7 @@ end-of-stream marker are written at close.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import sys
 import zlib
@@ -53,6 +54,22 @@ def _le32_bytes(table: array) -> bytes:
     return table.tobytes()
 
 
+def _inflate(raw: bytearray, head: int, size: int, limit: int) -> bytes:
+    """At most ``limit`` bytes out of the zlib stream ``raw[head:head+size]`` (zlib drops the GIL)."""
+    return zlib.decompressobj().decompress(memoryview(raw)[head:head + size], limit)
+
+
+def _inflate_many(jobs: list[tuple[bytearray, int, int]], limit: int) -> list[bytes | None]:
+    """Inflate several grains in one trip to the thread pool; None for one that does not decompress."""
+    out: list[bytes | None] = []
+    for raw, off, size in jobs:
+        try:
+            out.append(_inflate(raw, off, size, limit))
+        except zlib.error:
+            out.append(None)
+    return out
+
+
 class SparseExtent(Extent):
     kind = SPARSE
 
@@ -73,6 +90,7 @@ class SparseExtent(Extent):
         self.pending: tuple[int, bytearray] | None = None  # compressed grain being assembled
         self.next_sector = 0
         self.appended = False  # compressed grains were appended: write a footer at close
+        self.run_blocking: Callable[..., Any] | None = None  # the session's thread pool, for inflating
 
     # ------------------------------------------------------------ opening
 
@@ -242,6 +260,10 @@ class SparseExtent(Extent):
     # ------------------------------------------------------------ reading
 
     async def read(self, rel: int, buf: memoryview, base: BaseReader) -> None:
+        """Resolve every grain first, then fetch them together: runs of adjacent grains are read at once."""
+        jobs: list[Awaitable[None]] = []
+        compressed: list[tuple[int, int, memoryview]] = []
+        run: list[Any] = []  # [kind, host or virtual offset, start in buf, length]
         done = 0
         while done < len(buf):
             pos = rel + done
@@ -249,26 +271,120 @@ class SparseExtent(Extent):
             n = min(len(buf) - done, self.grain - in_grain)
             piece = buf[done:done + n]
             state, host = await self.lookup(pos)
+            kind, at = None, 0
             if host == -1:
                 piece[:] = memoryview(self.pending[1])[in_grain:in_grain + n]
-            elif state == UNALLOC:
-                await base(self.start + pos, piece)
             elif state == ZEROED:
                 piece[:] = bytes(n)
             elif state == COMPRESSED:
-                grain = await self._grain(host, pos)
-                if in_grain + n > len(grain):
-                    raise self.io_error(errno.EIO, "read", self.start + pos, n,
-                                        f"compressed grain at offset {host} of '{self.filename}' is short")
-                piece[:] = memoryview(grain)[in_grain:in_grain + n]
+                compressed.append((host, pos, piece))
             else:
-                await self._read_host(host + in_grain, piece, pos)
+                kind, at = (UNALLOC, self.start + pos) if state == UNALLOC else (DATA, host + in_grain)
+            if run and (kind != run[0] or at != run[1] + run[3] or done != run[2] + run[3]):
+                jobs.append(self._fetch(run, buf, base))
+                run = []
+            if kind is not None:
+                if run:
+                    run[3] += n
+                else:
+                    run = [kind, at, done, n]
             done += n
+        if run:
+            jobs.append(self._fetch(run, buf, base))
+        if compressed:
+            jobs.append(self._read_compressed_batch(compressed))
+        if len(jobs) == 1:
+            await jobs[0]
+        elif jobs:
+            results = await asyncio.gather(*jobs, return_exceptions=True)
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
 
-    async def _read_host(self, host: int, piece: memoryview, pos: int) -> None:
+    def _fetch(self, run: list[Any], buf: memoryview, base: BaseReader) -> Awaitable[None]:
+        kind, at, start, n = run
+        view = buf[start:start + n]
+        if kind == UNALLOC:
+            return base(at, view)
+        return self._read_host(at, view, self.start + at)
+
+    async def _read_compressed_batch(self, items: list[tuple[int, int, memoryview]]) -> None:
+        """Compressed grains of one request: adjacent ones (as a stream lays them out) in one read and one inflate."""
+        todo = []
+        for host, pos, piece in items:
+            cached = self.grain_cache.get(host)
+            if cached is not None:
+                self._copy_out(cached, host, pos, piece)
+            else:
+                todo.append((host, pos, piece))
+        if not self.markers or len(todo) < 2:
+            for host, pos, piece in todo:
+                await self._read_compressed(host, pos, piece)
+            return
+        todo.sort(key=lambda t: t[0])
+        flen = self.child.getlength()
+        reach = 12 + self.grain + SECTOR  # a grain marker with data that did not compress
+        group: list[tuple[int, int, memoryview]] = []
+        for item in todo:
+            if group and (item[0] - group[-1][0] > reach or item[0] - group[0][0] > 8 * 1024 * 1024):
+                await self._inflate_group(group, flen, reach)
+                group = []
+            group.append(item)
+        await self._inflate_group(group, flen, reach)
+
+    async def _inflate_group(self, group: list[tuple[int, int, memoryview]], flen: int, reach: int) -> None:
+        first = group[0][0]
+        if first >= flen:
+            await self._read_compressed(*group[0])  # reports the error
+        span = bytearray(min(flen, group[-1][0] + reach) - first)
+        await self.child.preadv(first, memoryview(span))
+        slices, rest = [], []
+        for host, pos, piece in group:
+            off = host - first
+            size = parse_marker(span[off:off + 12])[1] if off + 12 <= len(span) else 0
+            if 0 < size <= 2 * self.grain and off + 12 + size <= len(span):
+                slices.append((host, pos, piece, off + 12, size))
+            else:
+                rest.append((host, pos, piece))  # odd or corrupt: the single-grain path explains it
+        if slices:
+            jobs = [(span, off, size) for _h, _p, _pc, off, size in slices]
+            if self.run_blocking is not None:
+                out = await self.run_blocking(_inflate_many, jobs, self.grain)
+            else:
+                out = _inflate_many(jobs, self.grain)
+            for (host, pos, piece, _off, _size), data in zip(slices, out, strict=True):
+                if data is None:
+                    rest.append((host, pos, piece))
+                    continue
+                self._remember(host, data)
+                self._copy_out(data, host, pos, piece)
+        for host, pos, piece in rest:
+            await self._read_compressed(host, pos, piece)
+
+    def _remember(self, host: int, data: bytes) -> None:
+        self.grain_cache[host] = data
+        if len(self.grain_cache) > GRAIN_CACHE:
+            self.grain_cache.popitem(last=False)
+
+    def _copy_out(self, grain: bytes, host: int, pos: int, piece: memoryview) -> None:
+        in_grain = pos % self.grain
+        if in_grain + len(piece) > len(grain):
+            raise self.io_error(errno.EIO, "read", self.start + pos, len(piece),
+                                f"compressed grain at offset {host} of '{self.filename}' is short")
+        piece[:] = memoryview(grain)[in_grain:in_grain + len(piece)]
+
+    async def _read_compressed(self, host: int, pos: int, piece: memoryview) -> None:
+        in_grain = pos % self.grain
+        grain = await self._grain(host, pos)
+        if in_grain + len(piece) > len(grain):
+            raise self.io_error(errno.EIO, "read", self.start + pos, len(piece),
+                                f"compressed grain at offset {host} of '{self.filename}' is short")
+        piece[:] = memoryview(grain)[in_grain:in_grain + len(piece)]
+
+    async def _read_host(self, host: int, piece: memoryview, voff: int) -> None:
         flen = self.child.getlength()
         if host >= flen:
-            raise self.io_error(errno.EIO, "read", self.start + pos, len(piece),
+            raise self.io_error(errno.EIO, "read", voff, len(piece),
                                 f"grain at offset {host} of '{self.filename}' lies beyond the end of the file")
         avail = min(len(piece), flen - host)
         await self.child.preadv(host, piece[:avail])
@@ -305,14 +421,14 @@ class SparseExtent(Extent):
                 more = bytearray(head + size - len(raw))
                 await self.child.preadv(host + len(raw), memoryview(more))
                 raw += more
-        d = zlib.decompressobj()
         try:
-            data = d.decompress(memoryview(raw)[head:head + size], self.grain)
+            if self.run_blocking is not None and size > 4096:
+                data = await self.run_blocking(_inflate, raw, head, size, self.grain)
+            else:
+                data = _inflate(raw, head, size, self.grain)
         except zlib.error as e:
             raise bad(f"does not decompress ({e})") from None
-        self.grain_cache[host] = data
-        if len(self.grain_cache) > GRAIN_CACHE:
-            self.grain_cache.popitem(last=False)
+        self._remember(host, data)
         return data
 
     # ------------------------------------------------------------ writing
