@@ -190,3 +190,11 @@ def test_convert(tmp_path: Path, src_fmt: str, dst_fmt: str) -> None:
     if dst_fmt == "vdi":
         assert run(QEMU_IMG, "check", str(dst)).returncode == 0
         assert dst.stat().st_size < 3 * MiB  # only the written blocks are allocated
+
+
+@pytest.mark.parametrize("args", [["y.vdi", "10M"], ["-o", "static=on", "y.vdi", "1M"], ["-o", "help"]])
+def test_create_output_as_qemu(tmp_path: Path, args: list[str]) -> None:
+    args = [str(tmp_path / a) if a.endswith(".vdi") else a for a in args]
+    q = run(QEMU_IMG, "create", "-f", "vdi", *args, ok=False)
+    b = bg("img", "create", "-f", "vdi", *args, ok=False)
+    same_output(q, b)

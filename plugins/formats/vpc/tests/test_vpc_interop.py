@@ -200,3 +200,12 @@ def test_convert(tmp_path: Path, src_fmt: str, dst_fmt: str) -> None:
     bg("img", "convert", "-f", src_fmt, "-O", dst_fmt, str(src), str(dst))
     assert run(QEMU_IMG, "compare", "-f", src_fmt, "-F", dst_fmt, str(src), str(dst)).returncode == 0
     assert qemu_info(dst, None)["format"] == dst_fmt
+
+
+@pytest.mark.parametrize("args", [["y.vhd", "10M"], ["-o", "subformat=foo", "y.vhd", "1M"],
+                                  ["-o", "subformat=fixed,force_size=on", "y.vhd", "1M"], ["-o", "help"]])
+def test_create_output_as_qemu(tmp_path: Path, args: list[str]) -> None:
+    args = [str(tmp_path / a) if a.endswith(".vhd") else a for a in args]
+    q = run(QEMU_IMG, "create", "-f", "vpc", *args, ok=False)
+    b = bg("img", "create", "-f", "vpc", *args, ok=False)
+    assert (b.returncode, b.stdout, b.stderr.replace("blockgraph", "qemu-img")) == (q.returncode, q.stdout, q.stderr)

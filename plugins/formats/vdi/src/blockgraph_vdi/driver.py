@@ -57,6 +57,7 @@ class VdiDriver:
     child_options: ClassVar[tuple[str, ...]] = ("file",)
     Options: ClassVar[type] = VdiOptions
     CreateOptions: ClassVar[type] = VdiCreateOptions
+    create_shown_defaults: ClassVar[dict[str, str]] = {"static": "off"}  # on qemu-img's Formatting line
 
     @classmethod
     def probe(cls, header: bytes, filename: str) -> int:

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import attrs
 from blockgraph.driver import BlockStatus, DriverKind, ReqFlags, Status
 from blockgraph.errors import BlockGraphError, BlockIOError, ImageCorrupt, NotSupported, OpenError
-from blockgraph.options import one_of, opt, optional, parse_bool, parse_size, parse_str
+from blockgraph.options import one_of, opt, optional, parse_bool, parse_size
 from blockgraph.perms import ChildRole
 
 from . import format as fmt
@@ -37,7 +37,7 @@ class VpcOptions:
 @attrs.frozen(kw_only=True)
 class VpcCreateOptions:
     size: int = opt(converter=parse_size, help="Virtual disk size")
-    subformat: str = opt("dynamic", converter=parse_str,
+    subformat: str = opt("dynamic", converter=one_of("dynamic", "fixed"),
                          help="Type of virtual hard disk format. Supported formats are {dynamic (default) | fixed} ")
     force_size: bool = opt(False, converter=parse_bool,
                            help="Force disk size calculation to use the actual size specified, rather than using "
@@ -79,6 +79,7 @@ class VpcDriver:
     child_options: ClassVar[tuple[str, ...]] = ("file", "backing")
     Options: ClassVar[type] = VpcOptions
     CreateOptions: ClassVar[type] = VpcCreateOptions
+    create_qapi_enums: ClassVar[bool] = True  # "Parameter 'subformat' does not accept value 'x'"
 
     @classmethod
     def probe(cls, header: bytes, filename: str) -> int:
