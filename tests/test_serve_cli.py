@@ -146,8 +146,21 @@ def test_daemonize_failure_makes_the_parent_fail(tmp_path: Path) -> None:
     assert message(r.stderr).endswith("Could not open '/nonexistent/x': No such file or directory")
 
 
-def test_drive_is_accepted_or_refused_clearly(tmp_path: Path) -> None:
+def test_drive_if_none_is_a_named_backend(tmp_path: Path) -> None:
     img = tmp_path / "d.raw"
     img.write_bytes(b"\0" * 65536)
-    r = run(BLOCKGRAPH, ["--drive", f"if=none,id=drv0,file={img},format=raw", "--object", "help"])
-    assert r.returncode == 0 or "--drive" in r.stderr
+    with ServeProcess(tmp_path, ["--drive", f"if=none,id=drv0,file={img},format=raw,cache=none,readonly=on"]) as d:
+        replies = _qmp(d.socket, {"execute": "qmp_capabilities"}, {"execute": "query-block"})
+        assert d.stop() == 0
+    [block] = replies[2]["return"]
+    ins = block["inserted"]
+    assert block["device"] == "drv0"
+    assert (ins["drv"], ins["file"], ins["ro"]) == ("raw", str(img), True)
+    assert ins["cache"] == {"writeback": True, "direct": True, "no-flush": False}
+
+
+def test_bad_drive_options_are_refused_by_name() -> None:
+    r = run(BLOCKGRAPH, ["--drive", "if=none,id=x,file=/dev/null,format=raw,bogus=1"])
+    assert r.returncode == 1
+    assert message(r.stderr).startswith("--drive if=none,id=x,file=/dev/null,format=raw,bogus=1: ")
+    assert "bogus" in message(r.stderr)

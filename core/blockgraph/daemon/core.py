@@ -156,8 +156,9 @@ class Daemon:
         target = self.export_type(str(options["type"]))
         if export_id in self.exports:
             raise QMPError(f"Block export id '{export_id}' is already in use")
-        self.lookup(node_name, node_name)
-        export = await _maybe_await(target.create(self, dict(options)))
+        node = self.lookup(node_name, node_name)
+        # QEMU's bdrv_lookup_bs takes a backend name too; the export type is handed the node's own name.
+        export = await _maybe_await(target.create(self, {**options, "node-name": node.name}))
         self.exports[export_id] = export
         return export
 

@@ -36,14 +36,9 @@ class Setup:
         await self.daemon.add_blockdev(parse_blockdev(value))
 
     async def opt_drive(self, value: str) -> None:
-        try:
-            from .. import cmdline  # the -drive expansion (its own module, possibly not there yet)
-        except ImportError:
-            raise QMPError("--drive is not available yet: this blockgraph has no -drive expansion "
-                           "(blockgraph.cmdline)") from None
-        from .drive import open_drive
+        from .drive import add_drive
 
-        await open_drive(self.daemon, cmdline, value)
+        await add_drive(self.daemon, value)
 
     async def opt_object(self, value: str) -> None:
         if value == "help":

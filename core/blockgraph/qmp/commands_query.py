@@ -188,6 +188,9 @@ def query_block_graph(daemon: Any, args: dict[str, Any]) -> dict[str, Any]:
         add(blk, "block-backend", name)
     for export_id, export in daemon.exports.items():
         add(export, "block-export", export_id)
+        blk = getattr(export, "blk", None)
+        if blk is not None:  # the export's own backend is the export in QEMU's graph
+            ids[id(blk)] = ids[id(export)]
     for node in daemon.session.nodes.values():
         add(node, "block-driver", node.name)
     edges = []

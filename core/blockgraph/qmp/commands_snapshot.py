@@ -65,6 +65,8 @@ async def blockdev_snapshot_sync(daemon: Any, args: dict[str, Any]) -> None:
         raise QMPError(f"Could not open '{path}': No such file or directory")
     tree: dict[str, Any] = {"driver": fmt, "file": {"driver": "file", "filename": path}, "backing": old.name,
                             "read-only": old.read_only}
+    if old.common is not None:  # the overlay is opened with the old top's cache flags, as QEMU does
+        tree["cache"] = {"direct": old.common.cache_direct, "no-flush": old.common.cache_no_flush}
     if new_name is not None:
         tree["node-name"] = new_name
     overlay = await session.open_node(tree)
