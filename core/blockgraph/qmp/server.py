@@ -126,6 +126,7 @@ class QMPServer:
         task.add_done_callback(self.tasks.discard)
 
     async def listen_unix(self, path: str, pretty: bool = False, connected: asyncio.Event | None = None) -> None:
+        path = os.path.abspath(path)  # removed at exit, after --daemonize has changed to /
         if os.path.exists(path) and not os.path.isdir(path):
             os.unlink(path)  # QEMU replaces a stale socket too
         server = await asyncio.start_unix_server(lambda r, w: self._spawn(r, w, pretty, connected), path=path)
