@@ -73,6 +73,7 @@ class Image:
         self.l1: list[int] = []
         self.l2_cache = MetaCache("l2", file, self.cs, l2_cache_clusters)
         self.rc = Refcounts(file, header, refcount_cache_clusters, node_name)
+        self.rc.overlap_check = self.overlaps_metadata
         self.has_data_file = False
         self.lazy = header.lazy_refcounts
         self.dirty_set = header.dirty

@@ -17,6 +17,7 @@ file before anything that points at a cluster it counts (``l2_cache.depends_on =
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from blockgraph.errors import ImageCorrupt
@@ -46,6 +47,7 @@ class Refcounts:
         self.free_hint = 0  # cluster index where free-space search starts
         self.free_byte_offset = 0  # for compressed clusters: the next free byte in a partly used cluster
         self.generation = 0  # bumped whenever the table changes (overlap check cache)
+        self.overlap_check: Callable[[int, int], str | None] | None = None  # set by Image
         self.node_name = node_name
         self.write_header_fields = write_header_fields  # async callback(h) persisting refcount table fields
 
@@ -123,6 +125,8 @@ class Refcounts:
             return
         first, last = offset >> self.cbits, (offset + length - 1) >> self.cbits
         for c in range(first, last + 1):
+            if addend < 0 and not self.block_offset(c // self.entries):
+                raise self.corrupt(f"refcount of cluster {c} would become {addend} (out of range)", c << self.cbits)
             await self._ensure_block(c)
             off = self.block_offset(c // self.entries)
             blk = await self.cache.get(off)
@@ -160,7 +164,15 @@ class Refcounts:
             await self._new_block(r, max(start, r * self.entries))
         if (start + n) << self.cbits > MAX_HOST_OFFSET:
             raise self.corrupt("Cannot allocate clusters past the supported host offset range")
+        self._check_overlap(start << self.cbits, n << self.cbits, "allocation")
         return start
+
+    def _check_overlap(self, host: int, length: int, what: str) -> None:
+        """Refcounts that call metadata free would hand it out again: refuse (QEMU's overlap check)."""
+        hit = self.overlap_check(host, length) if self.overlap_check is not None else None
+        if hit is not None:
+            raise self.corrupt(f"Preventing invalid {what} at {host:#x} (overlaps with {hit}); "
+                               "the refcounts are inconsistent, run 'qemu-img check -r all'", host)
 
     async def alloc_bytes(self, size: int) -> int:
         """A byte range for compressed data (QEMU's qcow2_alloc_bytes): packed after the previous one, spilling
@@ -200,6 +212,7 @@ class Refcounts:
         blk = bytearray(self.cs)
         self._write_entry(blk, at % self.entries, 1)
         off = at << self.cbits
+        self._check_overlap(off, self.cs, "refcount block allocation")
         await self.file.pwritev(off, memoryview(blk))
         await self.file.flush()
         await self.file.pwritev(self.h.refcount_table_offset + 8 * rt_index, memoryview(struct.pack(">Q", off)))

@@ -18,7 +18,7 @@ import errno
 from typing import Any
 
 from blockgraph.driver import ReqFlags
-from blockgraph.errors import BlockIOError, NotSupported
+from blockgraph.errors import BlockIOError, ImageCorrupt, NotSupported
 
 from .constants import (
     INCOMPAT_CORRUPT,
@@ -102,7 +102,17 @@ class WriteMixin:
             fut.set_result(None)
 
     async def _free_host(self, entry: int, typ: int, *, discard: bool) -> None:
-        """Drop this L2 entry's reference to its host cluster(s). The L2 change must be on disk already."""
+        """Drop this L2 entry's reference to its host cluster(s). The L2 change must be on disk already.
+
+        A refcount that cannot drop (already 0) is reported and the cluster leaked, as qcow2_free_clusters."""
+        try:
+            await self._free_host_inner(entry, typ, discard=discard)
+        except ImageCorrupt as e:
+            import sys
+
+            print(f"qcow2_free_clusters failed: {e.what}", file=sys.stderr)
+
+    async def _free_host_inner(self, entry: int, typ: int, *, discard: bool) -> None:
         img = self.img
         if typ == CT.COMPRESSED:
             off, n = img.compressed_range(entry)
