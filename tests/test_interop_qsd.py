@@ -96,3 +96,46 @@ def test_generated_child_names_and_graph_edges_match(both: tuple[dict[str, Any],
 def test_no_backends_no_exports_on_either(both: tuple[dict[str, Any], dict[str, Any]]) -> None:
     assert both[0]["block"] == both[1]["block"] == []
     assert both[0]["exports"] == both[1]["exports"] == []
+
+
+PROTOCOL_LINES = ['{"execute": "qmp_capabilities"}', "garbage", '{"execute": tru}', '{"a": }', '"str"', "12",
+                  '{"arguments": {}}', '{"exec-oob": "query-version"}', '{"foo": 1}', '{"execute": 1}',
+                  '{"execute": "query-version", "arguments": []}', '{"execute": "nosuch", "id": [1, {"x": null}]}',
+                  '{"execute": "query-named-block-nodes", "arguments": {"flat": "yes"}}',
+                  '{"execute": "query-version", "arguments": {"x": 1}}', '{"execute": "qmp_capabilities"}',
+                  '{"execute": "blockdev-del", "arguments": {"node-name": "zz"}}',
+                  '{"execute": "blockdev-add", "arguments": {"driver": "null-co", "node-name": "n", "x": 1}}',
+                  '{"execute": "blockdev-add", "arguments": {"driver": "null-co"}}',
+                  '{"execute": "block_resize", "arguments": {"node-name": "zz", "size": 1}}']
+
+
+def raw_session(sock: str, texts: list[str]) -> tuple[dict[str, Any], list[bytes]]:
+    import json
+    import socket
+
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(20)
+    s.connect(sock)
+    f = s.makefile("rwb")
+    greeting = json.loads(f.readline())
+    replies = []
+    for text in texts:
+        f.write(text.encode() + b"\n")
+        f.flush()
+        replies.append(f.readline())
+    s.close()
+    return greeting, replies
+
+
+def test_protocol_errors_are_byte_identical(tmp_path: Path) -> None:
+    out = []
+    for program, sub in ((QSD, "qsd"), (None, "bg")):
+        (tmp_path / sub).mkdir()
+        with ServeProcess(tmp_path / sub, [], program=program) as proc:
+            out.append(raw_session(proc.socket, PROTOCOL_LINES))
+            assert proc.stop() == 0
+    (g_theirs, theirs), (g_ours, ours) = out
+    assert set(g_ours["QMP"]) == set(g_theirs["QMP"])
+    assert set(g_ours["QMP"]["version"]["qemu"]) == set(g_theirs["QMP"]["version"]["qemu"])
+    for text, a, b in zip(PROTOCOL_LINES, theirs, ours, strict=True):
+        assert b == a, text

@@ -78,7 +78,8 @@ def test_negotiation_comes_first_and_only_once(daemon: ServeProcess) -> None:
 
 
 @pytest.mark.parametrize(("request_text", "reply"), [
-    ("garbage\n", error("GenericError", "JSON parse error, expecting value")),
+    ("garbage\n", error("GenericError", "JSON parse error, invalid keyword 'garbage'")),
+    ('{"a": }', error("GenericError", "JSON parse error, expecting value")),
     ("[1, 2]", error("GenericError", "QMP input must be a JSON object")),
     ('{"foo": 1}', error("GenericError", "QMP input member 'foo' is unexpected")),
     ('{"execute": 1}', error("GenericError", "QMP input member 'execute' must be a string")),

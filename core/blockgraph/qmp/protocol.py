@@ -16,6 +16,7 @@ from typing import Any
 QEMU_VERSION = {"micro": 0, "minor": 2, "major": 7}
 MAX_MESSAGE = 16 << 20  # bytes of one JSON request (QEMU: 64 MiB of tokens)
 MAX_NESTING = 1024  # QEMU's MAX_NESTING in json-streamer.c
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class QMPError(Exception):
@@ -163,6 +164,10 @@ def parse(text: bytes) -> dict[str, Any]:
         msg = json.loads(text)
     except (ValueError, UnicodeDecodeError) as e:
         reason = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+        if isinstance(e, json.JSONDecodeError) and reason == "Expecting value":
+            word = _WORD.match(e.doc, e.pos)
+            if word:  # QEMU's lexer reads a bare word as a keyword it does not know
+                raise QMPError(f"JSON parse error, invalid keyword '{word.group()}'") from None
         raise QMPError(f"JSON parse error, {reason[:1].lower()}{reason[1:]}") from None
     if not isinstance(msg, dict):
         raise QMPError("QMP input must be a JSON object")
