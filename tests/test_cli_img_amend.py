@@ -25,7 +25,7 @@ def test_amend_size() -> None:
 
 def test_refusals() -> None:
     assert pimg("amend", "-o", "cluster_size=64k", "a.pc") == Result(
-        1, "", "qemu-img: Invalid parameter 'cluster_size'\nqemu-img: This option is only supported for image "
+        1, "", "qemu-img: Invalid parameter 'cluster_size'\nThis option is only supported for image "
                "creation\n")
     assert pimg("amend", "-o", "foo=1", "a.pc") == Result(1, "", "qemu-img: Invalid parameter 'foo'\n")
     assert img("amend", "-f", "raw", "-o", "size=2M", "r.img") == Result(

@@ -33,7 +33,7 @@ def amend_values(fmt_cls: type, text: str) -> dict[str, str]:
         key, eq, value = part.partition("=")
         if key not in allowed:
             if key in fields:
-                raise ImgExit([f"Invalid parameter '{key}'", "This option is only supported for image creation"])
+                raise ImgExit(f"Invalid parameter '{key}'\nThis option is only supported for image creation")
             raise ImgExit(f"Invalid parameter '{key}'")
         if not eq:
             value = "on"

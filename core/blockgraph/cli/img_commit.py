@@ -65,7 +65,7 @@ def find_backing_image(top: Node, name: str) -> Node | None:
 
 
 async def make_writable(session: Session, node: Node) -> Any:
-    """Reopen ``node`` read-write and attach a backend that writes (and may grow) it."""
+    """Reopen ``node`` read-write (as QEMU's commit does) and attach a backend that writes and may grow it."""
     from ..backend import BlockBackend
 
     if node.read_only:

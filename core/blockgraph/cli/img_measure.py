@@ -60,7 +60,7 @@ async def load_snapshot(node: Node, text: str) -> None:
     try:
         await call(load, sid, name)
     except BlockGraphError as e:
-        raise ImgExit(f"Failed to load snapshot: {e}") from None
+        raise ImgExit(f"Failed to load snapshot: {getattr(e, 'strerror', None) or e}") from None
     node.length = target.length = await call(target.driver.getlength)
 
 

@@ -30,6 +30,7 @@ from .constants import (
     EXT_DATA_FILE,
     EXT_FEATURE_TABLE,
     INCOMPAT_COMPRESSION,
+    INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
@@ -283,6 +284,25 @@ class AmendMixin:
         if not name:
             h.backing_file_offset = h.backing_file_size = 0
         await write_header(img)
+
+    # Reopen (read-only <-> read-write, as commit does to its base); the file child is reopened by the core.
+    async def reopen_prepare(self, options: Any, read_only: bool) -> None:
+        img = self.img  # type: ignore[attr-defined]
+        if not read_only and img.h.incompatible_features & INCOMPAT_CORRUPT:
+            raise OpenError("qcow2: Image is corrupt; cannot be opened read/write")
+        if read_only and not getattr(self, "read_only", True):
+            await img.flush_metadata()
+            if img.dirty_set:
+                await img.clear_dirty()
+        self._reopen_to = (options, read_only)
+
+    async def reopen_commit(self) -> None:
+        options, self.read_only = self._reopen_to
+        if options is not None:
+            self.options = options
+
+    async def reopen_abort(self) -> None:
+        self._reopen_to = None
 
     async def make_empty(self) -> None:
         """Drop every cluster of the active layer (qemu-img commit empties the top this way)."""

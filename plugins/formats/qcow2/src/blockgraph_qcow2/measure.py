@@ -100,9 +100,25 @@ async def source_bitmaps_size(source: Any, cluster_size: int) -> int:
     return total + _round_up(dir_size, cluster_size)
 
 
-async def measure(values: dict[str, str], size: int | None, source: Any) -> MeasureResult:
+async def _status(source: Any, offset: int, length: int) -> tuple[Status, int]:
+    """Block status through the chain as QEMU's measure sees it: a format's own data clusters stay data even
+    where its file has a hole (QEMU asks the file only for raw-like layers, which answer RECURSE)."""
     from blockgraph.io import block_status_above
 
+    st, depth = await block_status_above(source, offset, length, None)
+    flags, n = st.flags, st.length
+    if flags & Status.ZERO and flags & Status.ALLOCATED:
+        layer = source
+        for _ in range(depth):
+            layer = layer.cow_child().node
+        if layer.caps is not None and layer.caps.block_status:
+            own = await layer.driver.block_status(offset, n, True)
+            if own.flags & Status.DATA and not own.flags & (Status.ZERO | Status.RECURSE):
+                flags, n = Status.DATA | Status.ALLOCATED, max(1, min(n, own.length))
+    return flags, n
+
+
+async def measure(values: dict[str, str], size: int | None, source: Any) -> MeasureResult:
     if values.get("encrypt.format") or parse_bool(values.get("encryption", "off")):
         raise BlockGraphError("encrypted qcow2 images are not supported yet")
     cs, version, order, extl2 = parse_values(values)
@@ -120,13 +136,12 @@ async def measure(values: dict[str, str], size: int | None, source: Any) -> Meas
         else:
             offset = 0
             while offset < ssize:
-                st, _ = await block_status_above(source, offset, ssize - offset, None)
-                pnum = st.length
+                flags, pnum = await _status(source, offset, ssize - offset)
                 if pnum <= 0:
                     break
-                if st.flags & Status.ZERO:
+                if flags & Status.ZERO:
                     pass
-                elif st.flags & Status.DATA and st.flags & Status.ALLOCATED:
+                elif flags & Status.DATA and flags & Status.ALLOCATED:
                     pnum = _round_up(offset + pnum, cs) - offset
                     required += offset % cs + pnum
                 offset += pnum

@@ -347,10 +347,9 @@ class SnapshotMixin:
             await img.file.flush()
 
     async def snapshot_load_tmp(self, snapshot_id: str | None, name: str | None) -> None:
-        """Show a snapshot read-only in place of the active L1 (convert -l, measure -l)."""
-        from blockgraph.io import sector_length
-
-        if not self.img.h or not getattr(self, "read_only", True):
+        """Show a snapshot read-only in place of the active L1 (convert -l, measure -l); the virtual size stays
+        what the image header says, as in QEMU."""
+        if not getattr(self, "read_only", True):
             raise BlockIOError(errno.EINVAL, op="snapshot", detail="Device is not readonly")
         i = self._find(snapshot_id, name)
         if i < 0:
@@ -359,10 +358,7 @@ class SnapshotMixin:
         sn = self.snapshots[i]
         validate_l1(img, sn)
         img.l1[:] = await read_l1(img, sn.l1_table_offset, sn.l1_size)
-        img.h.size = sn.disk_size
-        node = getattr(getattr(self, "node", None), "graph_node", None)
-        if node is not None:
-            node.length = sector_length(sn.disk_size)
+        img.l2_cache.clear_clean()
 
 
 async def grow_l1(img: Image, entries: int) -> None:
