@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from blockgraph import hookimpl
 from blockgraph.daemon import Daemon
+from blockgraph.errors import BlockIOError
 from blockgraph.plugins import PluginHost
 from blockgraph.qmp import QMPError
 from blockgraph.session import Session
@@ -188,3 +191,78 @@ def test_nbd_export_without_its_plugin_names_blockgraph_nbd() -> None:
 
     (cls, desc), server = run(body, host=host)
     assert cls == "GenericError" and "blockgraph-nbd" in desc and "blockgraph-nbd" in server
+
+
+class FailingDisk:
+    """A protocol driver whose writes fail with ENOSPC until ``healed``."""
+
+    name = "test-enospc"
+    kind = "protocol"
+    api_version = 1
+    healed = False
+
+    @attrs.frozen
+    class Options:
+        size: int = 65536
+
+    async def open(self, node: Any, options: Any) -> None:
+        self.data = bytearray(options.size)
+
+    async def close(self) -> None:
+        pass
+
+    async def getlength(self) -> int:
+        return len(self.data)
+
+    async def preadv(self, offset: int, buf: memoryview, flags: Any) -> None:
+        buf[:] = self.data[offset:offset + len(buf)]
+
+    async def pwritev(self, offset: int, buf: memoryview, flags: Any) -> None:
+        if not FailingDisk.healed:
+            raise BlockIOError(errno.ENOSPC, op="write", offset=offset)
+        self.data[offset:offset + len(buf)] = buf
+
+    async def flush(self) -> None:
+        pass
+
+
+class FailingPlugin:
+    @hookimpl
+    def blockgraph_register_drivers(self, register: Any) -> None:
+        register(FailingDisk, name="test-enospc", kind="protocol")
+
+
+@pytest.mark.parametrize("werror", ["report", "stop"])
+def test_io_errors_become_block_io_error_events_and_cont_resumes(werror: str) -> None:
+    from blockgraph.backend import BlockBackend
+
+    events: list[tuple[str, Any]] = []
+    FailingDisk.healed = False
+
+    async def body(d: Daemon) -> Any:
+        d.emit = lambda name, data=None: events.append((name, data))  # type: ignore[method-assign]
+        node = await d.add_blockdev({"driver": "test-enospc", "node-name": "bad"})
+        blk = await BlockBackend.attach_new(d.session, node, name="d0", werror=werror)
+        d.watch_backend(blk)
+        write = asyncio.ensure_future(blk.pwritev(0, memoryview(b"x" * 512)))
+        while not events:
+            await asyncio.sleep(0)
+        if werror == "stop":
+            assert (await call(d, "query-block"))[0]["io-status"] == "nospace"
+            FailingDisk.healed = True
+            await call(d, "cont")
+            await write
+            result = "done"
+        else:
+            with pytest.raises(BlockIOError):
+                await write
+            result = "failed"
+        await blk.close()
+        return result
+
+    result = run(body, host=PluginHost(extra=[(FailingPlugin(), "failing")]))
+    name, data = events[0]
+    assert name == "BLOCK_IO_ERROR"
+    assert data == {"device": "d0", "node-name": "bad", "operation": "write", "action": werror, "nospace": True,
+                    "reason": "No space left on device"}
+    assert result == ("done" if werror == "stop" else "failed")

@@ -6,6 +6,7 @@ QMP commands, export types and the command-line options all act on one :class:`D
 from __future__ import annotations
 
 import asyncio
+import errno
 import inspect
 from typing import TYPE_CHECKING, Any
 
@@ -80,6 +81,19 @@ class Daemon:
                     log.exception("export_server_stop_failed", type=name)
         await self.qmp.close()
         await self.session.close()
+
+    def watch_backend(self, blk: Any, device: str | None = None) -> None:
+        """Report the backend's I/O errors as BLOCK_IO_ERROR events (after its rerror/werror policy)."""
+
+        def on_error(blk: Any, operation: str, action: str, err: Any) -> None:
+            data: dict[str, Any] = {"device": blk.name or device or ""}
+            if blk.root is not None:
+                data["node-name"] = blk.node.name
+            data.update({"operation": operation, "action": action, "nospace": err.errno == errno.ENOSPC,
+                         "reason": err.strerror})
+            self.emit("BLOCK_IO_ERROR", data)
+
+        blk.on_error.append(on_error)
 
     # ------------------------------------------------------------ nodes
 
@@ -160,6 +174,8 @@ class Daemon:
         # QEMU's bdrv_lookup_bs takes a backend name too; the export type is handed the node's own name.
         export = await _maybe_await(target.create(self, {**options, "node-name": node.name}))
         self.exports[export_id] = export
+        if getattr(export, "blk", None) is not None:
+            self.watch_backend(export.blk)
         return export
 
     async def delete_export(self, export_id: str, mode: str = "safe", *, event: bool = True) -> None:

@@ -28,6 +28,7 @@ async def add_drive(daemon: Any, text: str) -> Any:
         # No device frontend holds it: like QEMU's device-less backend, it keeps no one else out, so an
         # export, block_resize or a job can use the node too.
         blk.set_perm(blk.perm, Perm.ALL)
+    daemon.watch_backend(blk)
     if exp.device is not None:
         warn(f"warning: no guest to attach the {exp.interface} device to; the drive is BlockBackend '{exp.id}'")
     return blk

@@ -45,3 +45,11 @@ def qom_list(daemon: Any, args: dict[str, Any]) -> list[dict[str, str]]:
         raise QMPError(f"Device '{args['path']}' not found", "DeviceNotFound")
     return [{"name": "type", "type": "string"}] + [
         {"name": obj_id, "type": f"child<{rec['qom-type']}>"} for obj_id, rec in sorted(daemon.objects.items())]
+
+
+@command("cont", {})
+def cont(daemon: Any, args: dict[str, Any]) -> None:
+    """Retry the requests that a ``stop`` error policy holds, on every backend (QEMU's ``cont``)."""
+    for blk in daemon.session.backends.values():
+        if blk.iostatus != "ok":
+            blk.resume()
