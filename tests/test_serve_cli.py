@@ -164,3 +164,59 @@ def test_bad_drive_options_are_refused_by_name() -> None:
     assert r.returncode == 1
     assert message(r.stderr).startswith("--drive if=none,id=x,file=/dev/null,format=raw,bogus=1: ")
     assert "bogus" in message(r.stderr)
+
+
+def test_stdio_monitor(tmp_path: Path) -> None:
+    p = subprocess.Popen([*BLOCKGRAPH, "--chardev", "stdio,id=s", "--monitor", "chardev=s",
+                          "--blockdev", "null-co,node-name=n0"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdin is not None and p.stdout is not None
+    greeting = json.loads(p.stdout.readline())
+    for cmd in ({"execute": "qmp_capabilities"}, {"execute": "query-named-block-nodes", "id": 1},
+                {"execute": "quit"}):
+        p.stdin.write(json.dumps(cmd).encode() + b"\n")
+        p.stdin.flush()
+    replies = [json.loads(p.stdout.readline()) for _ in range(3)]
+    assert p.wait(timeout=30) == 0
+    assert "QMP" in greeting
+    assert replies[0] == {"return": {}} and replies[1]["return"][0]["node-name"] == "n0"
+    assert replies[2] == {"return": {}}
+
+
+def test_tcp_monitor(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with ServeProcess(tmp_path, ["--chardev", f"socket,id=t,host=127.0.0.1,port={port},server=on,wait=off",
+                                 "--monitor", "t"]) as d:
+        c = socket.create_connection(("127.0.0.1", port), timeout=20)
+        f = c.makefile("rwb")
+        assert "QMP" in json.loads(f.readline())
+        f.write(b'{"execute": "qmp_capabilities"}\n')
+        f.flush()
+        assert json.loads(f.readline()) == {"return": {}}
+        c.close()
+        assert d.stop() == 0
+
+
+def test_wait_on_holds_start_up_until_a_client_connects(tmp_path: Path) -> None:
+    sock, pidfile = tmp_path / "w.sock", tmp_path / "w.pid"
+    p = subprocess.Popen([*BLOCKGRAPH, "--chardev", f"socket,id=w,path={sock},server=on", "--monitor", "w",
+                          "--pidfile", str(pidfile)], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stderr is not None
+        line = p.stderr.readline()  # printed once listening, before waiting
+        assert line.strip() == f"blockgraph serve: info: waiting for connection on: disconnected:unix:{sock},server=on"
+        assert not pidfile.exists()  # start-up is not finished before a client comes
+        c = socket.socket(socket.AF_UNIX)
+        c.connect(str(sock))
+        f = c.makefile("rb")
+        assert "QMP" in json.loads(f.readline())
+        deadline = time.monotonic() + 30
+        while not pidfile.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert pidfile.exists()
+        c.close()
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=30) == 0
