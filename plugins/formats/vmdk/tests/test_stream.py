@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from blockgraph.errors import BlockIOError
+from blockgraph.perms import Perm
 from blockgraph.session import Session
 
 from .helpers import QEMU_IMG, bg_create, bg_read_all, needs_qemu, open_blk, qemu_raw, run
@@ -144,3 +145,34 @@ def test_corrupt_grain_among_many_is_named(tmp_path: Path) -> None:
     path.write_bytes(raw)
     with pytest.raises(BlockIOError, match=f"compressed grain at offset {third} "):
         bg_read_all(path)
+
+
+@pytest.mark.parametrize("subformat", ["monolithicSparse", "streamOptimized", "twoGbMaxExtentSparse"])
+def test_live_reopen_read_write_and_back(tmp_path: Path, subformat: str) -> None:
+    path = tmp_path / "r.vmdk"
+    bg_create(path, 4 << 20, subformat=subformat)
+
+    async def go() -> None:
+        session = Session()
+        try:
+            node = await session.open_node({"driver": "vmdk", "read-only": True,
+                                            "file": {"driver": "file", "filename": str(path)}})
+            from blockgraph.backend import BlockBackend
+
+            await session.reopen(node, read_only=False)
+            blk = await BlockBackend.attach_new(session, node)
+            await blk.pwritev(GRAIN + 10, memoryview(b"\x77" * 1000))
+            await blk.flush()
+            blk.set_perm(Perm.CONSISTENT_READ, Perm.ALL)  # drop the write permission, keep the node open
+            await session.reopen(node, read_only=True)
+            assert node.read_only and not node.closed
+            buf = bytearray(2000)
+            await blk.preadv(GRAIN, memoryview(buf))
+            assert buf[10:1010] == b"\x77" * 1000
+        finally:
+            await session.close()
+
+    asyncio.run(go())
+    expected = bytearray(4 << 20)
+    expected[GRAIN + 10:GRAIN + 1010] = b"\x77" * 1000
+    assert bg_read_all(path) == bytes(expected)

@@ -149,8 +149,8 @@ class VmdkDriver:
             ext.path = path
             return ext
         read_only = line.access != "RW" or self.node.read_only
-        if read_only:
-            self.readonly_children.add(name)
+        if line.access != "RW":
+            self.readonly_children.add(name)  # never written, even after a reopen read-write
         flat = line.type in dsc.FLAT_TYPES
         role = ChildRole.DATA if flat else ChildRole.DATA | ChildRole.METADATA
         try:
@@ -188,6 +188,31 @@ class VmdkDriver:
 
     async def getlength(self) -> int:
         return self.length
+
+    # ------------------------------------------------------------ reopen (read-only <-> read-write)
+
+    async def reopen_prepare(self, options: VmdkOptions, read_only: bool) -> None:
+        self._reopen_next: list[tuple[SparseExtent, int]] = []
+        sparse = [e for e in self.extents if isinstance(e, SparseExtent) and e.access == "RW"]
+        if read_only:
+            async with self.lock.write():
+                for ext in sparse:
+                    await ext.close()  # the last grain and the stream footer, while writes are still allowed
+            return
+        for ext in sparse:
+            if ext.hdr.version == 3 and not ext.compressed and not ext.hdr.cowd:
+                raise OpenError("VMDK version 3 must be read only")
+            if ext.compressed:
+                sectors = (ext.child.getlength() + 511) // 512
+                self._reopen_next.append((ext, await ext.before_footer(sectors)))
+
+    async def reopen_commit(self) -> None:
+        for ext, next_sector in self._reopen_next:
+            ext.next_sector = next_sector
+        self.cid_updated = False
+
+    async def reopen_abort(self) -> None:
+        self._reopen_next = []
 
     # ------------------------------------------------------------ I/O
 

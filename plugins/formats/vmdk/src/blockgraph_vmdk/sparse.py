@@ -105,7 +105,7 @@ class SparseExtent(Extent):
         if self.compressed:
             self.next_sector = max(sectors, self.hdr.grain_offset)
             if writable:
-                self.next_sector = await self._before_footer(sectors)
+                self.next_sector = await self.before_footer(sectors)
         else:
             g = self.hdr.granularity
             self.next_sector = (sectors + g - 1) // g * g
@@ -119,7 +119,7 @@ class SparseExtent(Extent):
         await self.child.preadv(off, memoryview(buf))
         return _le32(buf)
 
-    async def _before_footer(self, sectors: int) -> int:
+    async def before_footer(self, sectors: int) -> int:
         """Where the next compressed grain goes: over a footer + end-of-stream we wrote before, else at the end."""
         if sectors < 3 or self.child.getlength() % SECTOR:
             return sectors
