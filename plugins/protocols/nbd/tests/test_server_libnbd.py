@@ -173,6 +173,7 @@ def test_structured_read_sends_holes_unless_df(srv: ServerThread, image: Path) -
     assert _chunks(h, 3 * MiB, 0) == [(0, MiB, nbd.READ_HOLE), (MiB, MiB, nbd.READ_DATA),
                                       (2 * MiB, MiB, nbd.READ_HOLE)]
     assert _chunks(h, 3 * MiB, 0, nbd.CMD_FLAG_DF) == [(0, 3 * MiB, nbd.READ_DATA)]
+    assert _chunks(h, 4096, 0) == [(0, 4096, nbd.READ_DATA)]  # under 64 KiB a hole is not worth a walk
     assert h.pread(4096, MiB - 2048) == bytes(2048) + b"\xab" * 2048
     h.shutdown()
 

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 RECV_BUFFER = 256 * 1024
 IOV_CHUNK = 512  # buffers per sendmsg, well under IOV_MAX
+HIGH_WATER = 8 * 1024 * 1024  # queued reply bytes above which repliers wait
+LOW_WATER = 2 * 1024 * 1024
 
 
 class PeerGone(Exception):
@@ -33,6 +35,13 @@ class Channel:
         self._view = memoryview(self._buf)
         self._pos = self._end = 0
         self.closed = False
+        self._out: list[bytes | bytearray | memoryview] = []
+        self.queued = 0
+        self._flush_handle: asyncio.Handle | None = None
+        self._writer: asyncio.Task | None = None
+        self._room = asyncio.Event()
+        self._room.set()
+        self.write_error: str | None = None
 
     # ------------------------------------------------------------ receiving
 
@@ -121,6 +130,102 @@ class Channel:
         except OSError as e:
             raise PeerGone(str(e)) from None
 
+    # ------------------------------------------------------------ queued sending
+
+    def queue(self, bufs: Sequence[bytes | bytearray | memoryview]) -> None:
+        """Queue buffers behind everything queued before. What is queued within one loop iteration
+        leaves in one ``sendmsg``: with many requests in flight, replies share system calls."""
+        if self.closed:
+            raise PeerGone("connection closed")
+        self._out.extend(bufs)
+        self.queued += sum(len(b) for b in bufs)
+        if self._flush_handle is None and self._writer is None:
+            self._flush_handle = self.loop.call_soon(self._flush)
+
+    async def wait_room(self) -> None:
+        """Wait while more than HIGH_WATER bytes are queued (the peer reads slower than we reply)."""
+        while self.queued > HIGH_WATER and not self.closed:
+            self._room.clear()
+            await self._room.wait()
+        if self.closed:
+            raise PeerGone("connection closed")
+
+    async def drain(self) -> None:
+        """Wait until everything queued went out (or the connection failed)."""
+        while self.queued and not self.closed:
+            self._room.clear()
+            await self._room.wait()
+
+    def _send_queued(self) -> bool:
+        """Hand the kernel what it takes; True once the queue is empty."""
+        while self._out:
+            part = self._out[:IOV_CHUNK]
+            try:
+                sent = self.sock.sendmsg(part)
+            except (BlockingIOError, InterruptedError):
+                return False
+            whole = sent == sum(len(b) for b in part)
+            self._consume(sent)
+            if not whole:
+                return False
+        return True
+
+    def _consume(self, n: int) -> None:
+        out = self._out
+        self.queued -= n
+        i = 0
+        while n:
+            size = len(out[i])
+            if n >= size:
+                n -= size
+                i += 1
+            else:
+                out[i] = memoryview(out[i])[n:]  # the rest of a partly sent buffer, not a copy
+                n = 0
+        del out[:i]
+        if self.queued <= LOW_WATER or not out:
+            self._room.set()
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        if self.closed:
+            return
+        try:
+            if self._send_queued():
+                return
+        except OSError as e:
+            self._fail(str(e))
+            return
+        self._writer = self.loop.create_task(self._write_rest())
+
+    async def _write_rest(self) -> None:
+        fd = self.sock.fileno()
+        try:
+            while not self.closed:
+                ready = self.loop.create_future()
+                self.loop.add_writer(fd, lambda f=ready: f.done() or f.set_result(None))
+                try:
+                    async with asyncio.timeout(self.stall_timeout):
+                        await ready
+                finally:
+                    self.loop.remove_writer(fd)
+                if self._send_queued():
+                    break
+        except TimeoutError:
+            self._fail(f"peer stopped reading for {self.stall_timeout:g} s")
+        except OSError as e:
+            self._fail(str(e))
+        finally:
+            self._writer = None
+            self._room.set()
+
+    def _fail(self, reason: str) -> None:
+        self.write_error = reason
+        self.abort()
+        self._out.clear()
+        self.queued = 0
+        self._room.set()
+
     def abort(self) -> None:
         """Shut the socket down: pending receives and sends wake up and fail, nothing more goes out."""
         if not self.closed:
@@ -129,6 +234,7 @@ class Channel:
                 self.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+            self._room.set()
 
     def close(self) -> None:
         """Release the socket; call once nothing waits on it any more."""
