@@ -139,3 +139,60 @@ def test_protocol_errors_are_byte_identical(tmp_path: Path) -> None:
     assert set(g_ours["QMP"]["version"]["qemu"]) == set(g_theirs["QMP"]["version"]["qemu"])
     for text, a, b in zip(PROTOCOL_LINES, theirs, ours, strict=True):
         assert b == a, text
+
+
+def _has_qcow2() -> bool:
+    from blockgraph.plugins import PluginHost
+
+    return "qcow2" in PluginHost().drivers
+
+
+GRAPH_LINES = [
+    '{"execute": "qmp_capabilities"}',
+    '{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "raw", "node-name": "zz", "file": "fa"}]}}',
+    '{"execute": "blockdev-reopen", "arguments": {"options": [{"node-name": "ra", "file": "fa"}]}}',
+    '{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "ra", "file": "fa"}]}}',
+    '{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "raw", "node-name": "ra", "file": "fb"}]}}',
+    '{"execute": "blockdev-snapshot-sync", "arguments": {"node-name": "q1", "snapshot-file": "S3", '
+    '"snapshot-node-name": "q2"}}',
+    '{"execute": "blockdev-snapshot-sync", "arguments": {"node-name": "q1", "snapshot-file": "S3"}}',
+    '{"execute": "blockdev-snapshot", "arguments": {"node": "q1", "overlay": "q1"}}',
+    '{"execute": "blockdev-snapshot", "arguments": {"node": "q1", "overlay": "ra"}}',
+    '{"execute": "blockdev-snapshot", "arguments": {"node": "q1", "overlay": "zz"}}',
+    '{"execute": "blockdev-snapshot-internal-sync", "arguments": {"device": "q2", "name": ""}}',
+    '{"execute": "blockdev-snapshot-internal-sync", "arguments": {"device": "ra", "name": "x"}}',
+    '{"execute": "blockdev-snapshot-delete-internal-sync", "arguments": {"device": "q2"}}',
+    '{"execute": "blockdev-snapshot-delete-internal-sync", "arguments": {"device": "q2", "name": "nn"}}',
+    '{"execute": "blockdev-snapshot-delete-internal-sync", "arguments": {"device": "q2", "id": "9", "name": "nn"}}',
+    '{"execute": "block_resize", "arguments": {"node-name": "q2", "size": -1}}',
+    '{"execute": "block_resize", "arguments": {"device": "q2", "size": 2097152}}',
+    '{"execute": "block-export-del", "arguments": {"id": "x"}}',
+    '{"execute": "blockdev-del", "arguments": {"node-name": "f1"}}',
+    '{"execute": "blockdev-del", "arguments": {"node-name": "q2"}}',
+]
+
+
+@pytest.mark.skipif(not _has_qcow2(), reason="blockgraph-qcow2 is not installed")
+def test_graph_command_replies_are_byte_identical(tmp_path: Path) -> None:
+    import subprocess
+
+    out = []
+    for program, sub in ((QSD, "qsd"), (None, "bg")):
+        d = tmp_path / sub
+        d.mkdir()
+        for name in ("s1.qcow2", "s2.qcow2"):
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(d / name), str(MiB)], check=True)
+        for name in ("a.raw", "b.raw"):
+            with open(d / name, "wb") as f:
+                f.truncate(MiB)
+        args = [x for line in (f"driver=file,filename={d / 's1.qcow2'},node-name=f1", "qcow2,file=f1,node-name=q1",
+                               f"driver=file,filename={d / 's2.qcow2'},node-name=f2", "qcow2,file=f2,node-name=q2",
+                               f"driver=file,filename={d / 'a.raw'},node-name=fa", "raw,file=fa,node-name=ra",
+                               f"driver=file,filename={d / 'b.raw'},node-name=fb")
+                for x in ("--blockdev", line)]
+        with ServeProcess(d, args, program=program) as proc:
+            lines = [t.replace("S3", str(d / "s3.qcow2")) for t in GRAPH_LINES]
+            out.append([r.replace(str(d).encode(), b"DIR") for r in raw_session(proc.socket, lines)[1]])
+            assert proc.stop() == 0
+    for text, a, b in zip(GRAPH_LINES, out[0], out[1], strict=True):
+        assert b == a, text

@@ -223,7 +223,7 @@ def test_internal_snapshot_create_and_delete(tmp_path: Path) -> None:
     assert dup == "Snapshot with name 'keep' already exists on device 'q0'"
     assert deleted["name"] == "gone" and set(deleted) >= {"id", "name", "vm-state-size", "date-sec", "date-nsec",
                                                           "vm-clock-sec", "vm-clock-nsec"}
-    assert missing == "Snapshot with id '' and name 'gone' does not exist on device 'q0'"
+    assert missing == "Snapshot with id 'null' and name 'gone' does not exist on device 'q0'"
     listing = subprocess.run(["qemu-img", "snapshot", "-l", str(img)], capture_output=True, text=True).stdout
     assert "keep" in listing and "gone" not in listing
     assert subprocess.run(["qemu-img", "check", "-q", str(img)]).returncode == 0

@@ -27,40 +27,78 @@ async def blockdev_del(daemon: Any, args: dict[str, Any]) -> None:
     await daemon.delete_blockdev(args["node-name"])
 
 
-def _same_child(node: Any, role: str, value: Any) -> bool:
-    child = node.children.get(role)
-    if isinstance(value, str):
-        return child is not None and child.node.name == value
-    if value is None:
-        return child is None
-    return False
-
-
 @command("blockdev-reopen", {"options": "list"})
 async def blockdev_reopen(daemon: Any, args: dict[str, Any]) -> None:
-    """Each entry names a node and gives its options anew; children must be given by reference."""
-    for opts in args["options"]:
-        if not isinstance(opts, dict):
-            raise QMPError("Invalid parameter type for 'options[0]', expected: object")
-        name = opts.get("node-name")
-        if name is None:
-            raise QMPError("node-name not specified")
-        node = daemon.session.nodes.get(name)
-        if node is None:
-            raise QMPError(f"Cannot find node named '{name}'")
-        if "driver" not in opts:
-            raise QMPError("Parameter 'driver' is missing")
-        if opts["driver"] != node.driver_name:
-            raise QMPError("Cannot change the option 'driver'")
-        for role in ("file", "backing"):
-            if role in opts and not _same_child(node, role, opts[role]):
-                raise QMPError(f"Cannot change the option '{role}'")
-        rest = {k: v for k, v in opts.items() if k not in COMMON_KEYS and k not in ("file", "backing")}
-        try:
-            read_only = parse_bool(opts.get("read-only", False))
-        except ValueError:
-            raise QMPError("Invalid parameter type for 'read-only', expected: boolean") from None
+    """Each entry names a node and gives its options anew; children are given by reference and may
+    change (``file`` / ``backing`` to another node, ``backing: null`` to drop it). Every entry is checked
+    before any is applied."""
+    plans = [_reopen_plan(daemon, i, opts) for i, opts in enumerate(args["options"])]
+    for node, read_only, rest, children in plans:
+        for role, target in children.items():
+            await _change_child(node, role, target)
         await daemon.session.reopen(node, read_only=read_only, options=rest or None)
+
+
+def _reopen_plan(daemon: Any, i: int, opts: Any) -> tuple[Any, bool, dict[str, Any], dict[str, Any]]:
+    if not isinstance(opts, dict):
+        raise QMPError(f"Invalid parameter type for 'options[{i}]', expected: object")
+    if "driver" not in opts:
+        raise QMPError(f"Parameter 'options[{i}].driver' is missing")
+    name = opts.get("node-name")
+    if name is None:
+        raise QMPError("node-name not specified")
+    node = daemon.session.nodes.get(name)
+    if node is None:
+        raise QMPError(f"Failed to find node with node-name='{name}'")
+    if opts["driver"] != node.driver_name:
+        raise QMPError("Cannot change the option 'driver'")
+    children: dict[str, Any] = {}
+    for role in ("file", "backing"):
+        if role not in opts:
+            continue
+        ref, current = opts[role], node.children.get(role)
+        if ref is None:
+            if current is not None:
+                children[role] = None
+            continue
+        if not isinstance(ref, str):
+            raise QMPError(f"Cannot change the option '{role}': give the new child by node-name")
+        target = daemon.session.nodes.get(ref)
+        if target is None:
+            raise QMPError(f"Cannot find device='{ref}' nor node-name='{ref}'")
+        if target is node:
+            raise QMPError(f"Making '{ref}' a {role} child of '{name}' would create a cycle")
+        if current is None or current.node is not target:
+            if current is None and role == "file":
+                raise QMPError("Cannot change the option 'file'")
+            children[role] = target
+    rest = {k: v for k, v in opts.items() if k not in COMMON_KEYS and k not in ("file", "backing")}
+    try:
+        read_only = parse_bool(opts.get("read-only", False))
+    except ValueError:
+        raise QMPError(f"Invalid parameter type for 'options[{i}].read-only', expected: boolean") from None
+    return node, read_only, rest, children
+
+
+async def _change_child(node: Any, role: str, target: Any) -> None:
+    """Point ``node``'s ``role`` edge at ``target`` (the Child object stays, so drivers keep it), or drop it."""
+    from ..node import detach, replace
+
+    edge = node.children.get(role)
+    async with io.drained(node):
+        if target is None:
+            await detach(edge)
+            if role == "backing" and hasattr(node.driver, "backing"):
+                node.driver.backing = None
+        elif edge is None:
+            from ..node import attach
+            from ..perms import ChildRole
+
+            new = attach(node, target, role, ChildRole.COW)
+            if hasattr(node.driver, "backing"):
+                node.driver.backing = new
+        else:
+            replace(edge, target)
 
 
 @command("block_resize", {"*device": "str", "*node-name": "str", "size": "int"})

@@ -52,6 +52,8 @@ async def blockdev_snapshot_sync(daemon: Any, args: dict[str, Any]) -> None:
     fmt = args.get("format", "qcow2")
     mode = args.get("mode", "absolute-paths")
     path = args["snapshot-file"]
+    if args.get("node-name") is not None and new_name is None:
+        raise QMPError("New overlay node-name missing")
     if mode not in ("existing", "absolute-paths"):
         raise QMPError(f"Parameter 'mode' does not accept value '{mode}'")
     if new_name is not None and (new_name in session.nodes or new_name in session.backends):
@@ -99,12 +101,14 @@ async def blockdev_snapshot(daemon: Any, args: dict[str, Any]) -> None:
     old = daemon.lookup(args["node"], args["node"])
     overlay = daemon.lookup(args["overlay"], args["overlay"])
     if overlay is old:
-        raise QMPError("The overlay and the node are the same")
+        raise QMPError(f"Making '{args['node']}' a backing child of '{args['overlay']}' would create a cycle")
     if overlay.parents:
         raise QMPError("The overlay is already in use")
     if overlay.cow_child() is not None:
         raise QMPError("The overlay already has a backing image")
-    if overlay.kind.value != "format" or not getattr(type(overlay.driver), "supports_backing", True):
+    cls = type(overlay.driver)
+    if overlay.kind.value != "format" or not (getattr(cls, "supports_backing", False)
+                                              or "backing" in getattr(cls, "child_options", ())):
         raise QMPError("The overlay does not support backing images")
     await append(overlay, old, attach_backing=True)
 
@@ -164,7 +168,7 @@ async def blockdev_snapshot_delete_internal_sync(daemon: Any, args: dict[str, An
         if (sn_id is None or sn.id == sn_id) and (name is None or sn.name == name):
             break
     else:
-        raise QMPError(f"Snapshot with id '{sn_id or ''}' and name '{name or ''}' does not exist on device "
+        raise QMPError(f"Snapshot with id '{sn_id or 'null'}' and name '{name or 'null'}' does not exist on device "
                        f"'{device}'")
     async with io.drained(node):
         await node.driver.snapshot_delete(sn.id, sn.name)
