@@ -196,3 +196,38 @@ def test_graph_command_replies_are_byte_identical(tmp_path: Path) -> None:
             assert proc.stop() == 0
     for text, a, b in zip(GRAPH_LINES, out[0], out[1], strict=True):
         assert b == a, text
+
+
+@pytest.mark.skipif(not _has_qcow2(), reason="blockgraph-qcow2 is not installed")
+def test_qcow2_chain_queries_match(tmp_path: Path) -> None:
+    import subprocess
+
+    results = []
+    for program, sub in ((QSD, "qsd"), (None, "bg")):
+        d = tmp_path / sub
+        d.mkdir()
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(d / "base.qcow2"), str(MiB)], check=True)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+                        str(d / "top.qcow2")], check=True)
+        args = ["--blockdev", f"driver=file,filename={d / 'top.qcow2'},node-name=ft",
+                "--blockdev", "qcow2,file=ft,node-name=top,cache.no-flush=on"]
+        with ServeProcess(d, args, program=program) as proc:
+            r = asyncio.run(queries(proc.socket))
+            assert proc.stop() == 0
+        results.append((d, r))
+
+    def norm(d: Path, node: dict[str, Any]) -> dict[str, Any]:
+        text = repr({k: node[k] for k in (*COMPARED, "backing_file") if k in node})
+        image = node["image"]
+        chain = []
+        while image is not None:
+            chain.append({k: image.get(k) for k in (*IMAGE_COMPARED, "backing-filename", "full-backing-filename",
+                                                    "backing-filename-format", "cluster-size")})
+            image = image.get("backing-image")
+        return {"node": text.replace(str(d), "DIR"), "chain": repr(chain).replace(str(d), "DIR")}
+
+    (d0, theirs), (d1, ours) = results
+    q, b = named(theirs["tree"])["top"], named(ours["tree"])["top"]
+    assert set(b) == set(q)
+    assert norm(d1, b) == norm(d0, q)
+    assert len(theirs["flat"]) == len(ours["flat"])  # the backing file's two nodes are there, unnamed
