@@ -382,8 +382,10 @@ async def _zero_bytes(node: Node, offset: int, length: int, flags: ReqFlags) -> 
 async def _zeroes_aligned(node: Node, offset: int, length: int, flags: ReqFlags) -> None:
     drv, lock, lim = node.driver, node.lock, node.limits
     if node.caps.zero:
-        emulate_fua = bool(flags & FUA) and not getattr(drv, "supported_zero_flags", ReqFlags.NONE) & FUA
-        dflags = flags & ~(CORE_FLAGS | FUA) if emulate_fua else flags & ~CORE_FLAGS
+        zflags = getattr(drv, "supported_zero_flags", ReqFlags.NONE)
+        emulate_fua = bool(flags & FUA) and not zflags & FUA
+        strip = CORE_FLAGS & ~(zflags & NO_FALLBACK)  # a driver that declares NO_FALLBACK sees it (NBD FAST_ZERO)
+        dflags = flags & ~(strip | FUA) if emulate_fua else flags & ~strip
         zalign = max(lim.pwrite_zeroes_alignment, 1)
         zmax = lim.max_pwrite_zeroes or (1 << 62)
         zmax -= zmax % zalign

@@ -496,3 +496,20 @@ def test_block_size_constraints_are_honoured(tmp_path: Path, servers: list[Serve
             await session.close()
 
     asyncio.run(go())
+
+
+@need_nbdkit
+@need_qemu
+@pytest.mark.parametrize("mode", ["default", "slow"])
+def test_write_zeroes_no_fallback_like_qemu_io(tmp_path: Path, servers: list[Server], mode: str) -> None:
+    """`write -z -n` (NO_FALLBACK) reaches the server as FAST_ZERO; a server slow at it refuses, as with qemu-io."""
+    srv = nbdkit(tmp_path, "--filter=nozero", "memory", "1M", "zeromode=plugin", f"fastzeromode={mode}")
+    servers.append(srv)
+    cmds = dash_c(["write -P 7 0 64k", "write -z -n 0 64k", "read -P 0 0 64k"])
+    ours = run(*BLOCKGRAPH, "io", "-f", "raw", *cmds, srv.url)
+    theirs = run(QEMU_IO, "-f", "raw", *cmds, srv.url)
+    first = [line for line in ours.stdout.splitlines() if "ops/sec" not in line and "bytes at offset 0" not in line]
+    assert first == [line for line in theirs.stdout.splitlines()
+                     if "ops/sec" not in line and "bytes at offset 0" not in line]
+    assert ("write failed: Operation not supported" in ours.stdout) == (mode == "slow")
+    assert ("Pattern verification failed" in ours.stdout) == (mode == "slow")

@@ -31,7 +31,7 @@ class Address:
 
     def __str__(self) -> str:
         if self.type == "unix":
-            return f"unix:{self.path}"
+            return self.path
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
