@@ -162,6 +162,7 @@ class NbdDriver:
         self.conn: Connection | None = None
         self.connected = asyncio.Event()
         self.lost_at = 0.0
+        self.lost_why = ""
         self.reconnector: asyncio.Task[None] | None = None
         conn = await self._first_connection()
         info = conn.info
@@ -242,6 +243,7 @@ class NbdDriver:
         self.conn = None
         self.connected.clear()
         self.lost_at = time.monotonic()
+        self.lost_why = str(conn.broken or "")
         if self.options.reconnect_delay and not self.closing and self.reconnector is None:
             self.reconnector = asyncio.get_running_loop().create_task(self._reconnect())
 
@@ -272,7 +274,8 @@ class NbdDriver:
         if conn is not None:
             self._lost(conn)
         if self.closing or not self.options.reconnect_delay:
-            raise ConnectionLost("NBD connection is closed")
+            raise ConnectionLost(f"NBD connection is closed ({self.lost_why})" if self.lost_why else
+                                 "NBD connection is closed")
         if deadline is None:
             deadline = self.lost_at + self.options.reconnect_delay
         try:
