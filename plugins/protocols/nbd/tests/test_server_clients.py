@@ -186,3 +186,17 @@ def test_qemu_io_on_a_read_only_export(srv: ServerThread, image: Path) -> None:
                          text=True, timeout=60)
     assert res.returncode != 0 and "Permission denied" in res.stderr  # qemu's client refuses RW on RO exports
     assert image.read_bytes()[:4096] == bytes(4096)
+
+
+@need("qemu-io")
+@need("nbdinfo")
+def test_tcp_on_loopback_with_nbd_urls(image: Path) -> None:
+    with ServerThread() as tcp:  # TCP, 127.0.0.1, a free port
+        tcp.export(image, name="disk", writable=True)
+        host, port = tcp.server.addresses()[0][:2]
+        assert host == "127.0.0.1"
+        assert "export-size: 8388608" in run("nbdinfo", f"nbd://127.0.0.1:{port}/disk")
+        out = run("qemu-io", "-f", "raw", "-c", "write -P 0x77 0 4k", "-c", "read -P 0xcd 5M 4k",
+                  f"nbd:127.0.0.1:{port}:exportname=disk")
+        assert "Pattern verification failed" not in out and "wrote 4096/4096" in out
+    assert image.read_bytes()[:4096] == b"\x77" * 4096

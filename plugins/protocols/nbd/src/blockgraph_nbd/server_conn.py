@@ -220,6 +220,7 @@ class Connection:
         for pos in range(req.offset, req.offset + req.length, CACHE_CHUNK):
             m = min(CACHE_CHUNK, req.offset + req.length - pos)
             await self.exp.blk.preadv(pos, scratch[:m])
+            await asyncio.sleep(0)  # page-cache reads complete inline: let the other clients in
 
     async def _block_status(self, req: P.Request) -> None:
         one = bool(req.flags & F_REQ_ONE)

@@ -7,6 +7,7 @@ free of block-layer details.
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -27,6 +28,7 @@ ID_ALLOCATION_DEPTH = 1
 ID_FIRST_BITMAP = 2
 MAX_EXTENTS = 65536  # per BLOCK_STATUS chunk (proto.md allows 2^20; fewer keeps one reply small)
 NO_BITMAPS = "blockgraph has no dirty bitmaps yet"
+YIELD_EVERY = 256  # block-status steps between two yields to the event loop
 
 
 @attrs.define(eq=False)
@@ -109,7 +111,11 @@ class NbdExport:
             raise OptionError(f"meta context {context_id}: {NO_BITMAPS}")
         out: list[tuple[int, int]] = []
         end = offset + length
+        steps = 0
         while offset < end:
+            steps += 1
+            if not steps % YIELD_EVERY:
+                await asyncio.sleep(0)  # a fragmented image must not hold the loop for the other clients
             n, value = await status(offset, end - offset)
             if n <= 0:
                 break
@@ -143,7 +149,11 @@ class NbdExport:
         out: list[tuple[int, int, bool]] = []
         end = offset + length
         pos = offset
+        steps = 0
         while pos < end:
+            steps += 1
+            if not steps % YIELD_EVERY:
+                await asyncio.sleep(0)
             n, flags = await self._allocation(pos, end - pos)
             if n <= 0:
                 out.append((pos, end - pos, False))
