@@ -220,3 +220,15 @@ def test_wait_on_holds_start_up_until_a_client_connects(tmp_path: Path) -> None:
     finally:
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=30) == 0
+
+
+def test_writes_through_a_drive_by_name_reach_the_image(tmp_path: Path) -> None:
+    img = tmp_path / "rw.raw"
+    img.write_bytes(b"\0" * 131072)
+    with ServeProcess(tmp_path, ["--drive", f"if=none,id=drv0,file={img},format=raw"]) as d:
+        replies = _qmp(d.socket, {"execute": "qmp_capabilities"},
+                       {"execute": "human-monitor-command",
+                        "arguments": {"command-line": 'qemu-io drv0 "write -P 0x3c 4096 8192"'}})
+        assert d.stop() == 0
+    assert replies[2]["return"].startswith("wrote 8192/8192 bytes at offset 4096")
+    assert img.read_bytes()[4096:12288] == b"\x3c" * 8192

@@ -25,9 +25,9 @@ async def add_drive(daemon: Any, text: str) -> Any:
     if blk.root is not None:
         from ..perms import Perm
 
-        # No device frontend holds it: like QEMU's device-less backend, it keeps no one else out, so an
-        # export, block_resize or a job can use the node too.
-        blk.set_perm(blk.perm, Perm.ALL)
+        # No device frontend holds it: like QEMU's device-less backend it takes nothing and keeps no one
+        # out (no image lock either), so exports, block_resize, jobs and other drives can use the node.
+        blk.set_perm(Perm.NONE, Perm.ALL)
     daemon.watch_backend(blk)
     if exp.device is not None:
         warn(f"warning: no guest to attach the {exp.interface} device to; the drive is BlockBackend '{exp.id}'")

@@ -41,6 +41,7 @@ async def _qemu_io(daemon: Any, device: str, line: str) -> str:
     from ..backend import BlockBackend
     from ..cli.qio import run_command
     from ..cli.qio_state import IoState
+    from ..perms import Perm
 
     blk = daemon.session.backends.get(device)
     temporary = None
@@ -52,6 +53,11 @@ async def _qemu_io(daemon: Any, device: str, line: str) -> str:
         blk.insert(node)
     state = IoState(daemon.session, blk=blk)
     buf = stdio.StringIO()
+    saved = None
+    if temporary is None and blk.root is not None and not blk.read_only and not blk.perm & Perm.WRITE:
+        # A backend without a device takes no permission; qemu-io writes through it all the same.
+        saved = (blk.perm, blk.shared)
+        blk.set_perm(blk.perm | Perm.CONSISTENT_READ | Perm.WRITE, blk.shared)
     try:
         with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
             await run_command(state, line)
@@ -59,4 +65,6 @@ async def _qemu_io(daemon: Any, device: str, line: str) -> str:
     finally:
         if temporary is not None:
             await temporary.close()
+        if saved is not None and blk.root is not None:
+            blk.set_perm(*saved)
     return buf.getvalue().replace("\n", "\r\n")
