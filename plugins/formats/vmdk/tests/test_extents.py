@@ -98,3 +98,15 @@ def test_vmfs_sparse_cowd_extent(tmp_path: Path) -> None:
     asyncio.run(_io(path, "write", 5 * 4096 + 100, b"\x66" * 10))
     expected[5 * 4096 + 100:5 * 4096 + 110] = b"\x66" * 10
     assert bg_read_all(path) == bytes(expected)
+
+
+def test_cid_rewrite_keeps_other_bytes(tmp_path: Path) -> None:
+    """The first write changes only the CID: a Latin-1 comment and a UTF-8 extent name survive unchanged."""
+    (tmp_path / "d\u00e9-flat.raw").write_bytes(bytes(4 * KIB))
+    path = tmp_path / "d.vmdk"
+    raw = descriptor(['RW 8 FLAT "d\u00e9-flat.raw" 0']).encode() + b"# caf\xe9\n"
+    path.write_bytes(raw)
+    asyncio.run(_io(path, "write", 0, b"\x01" * 512))
+    new = path.read_bytes()
+    assert new.replace(new.split(b"CID=")[1].split(b"\n")[0], b"abc", 1) == raw
+    assert b"CID=abc\n" not in new

@@ -80,12 +80,16 @@ class Descriptor:
         return value
 
 
-def decode(raw: bytes) -> str:
-    """Descriptor bytes up to the first NUL; undecodable bytes are kept visible rather than fatal."""
+def decode(raw: bytes | bytearray) -> str:
+    """Descriptor bytes up to the first NUL; bytes that are not UTF-8 survive a round trip (:func:`encode`)."""
     nul = raw.find(b"\0")
     if nul >= 0:
         raw = raw[:nul]
-    return raw.decode("utf-8", errors="replace")
+    return bytes(raw).decode("utf-8", errors="surrogateescape")
+
+
+def encode(text: str) -> bytes:
+    return text.encode("utf-8", errors="surrogateescape")
 
 
 def parse(text: str) -> Descriptor:

@@ -311,7 +311,7 @@ class VmdkDriver:
             return
         cid = random.getrandbits(32)
         text = dsc.with_cid(self.desc.text, cid)
-        raw = text.encode()
+        raw = dsc.encode(text)
         if self.desc_region is None:
             await self.file.pwritev(0, memoryview(raw))
             if self.file.getlength() > len(raw):

@@ -59,6 +59,11 @@ def _inflate(raw: bytearray, head: int, size: int, limit: int) -> bytes:
     return zlib.decompressobj().decompress(memoryview(raw)[head:head + size], limit)
 
 
+def _deflate_many(views: list[memoryview]) -> list[bytes]:
+    """zlib streams of several grains (QEMU's compress(): the default level)."""
+    return [zlib.compress(v) for v in views]
+
+
 def _inflate_many(jobs: list[tuple[bytearray, int, int]], limit: int) -> list[bytes | None]:
     """Inflate several grains in one trip to the thread pool; None for one that does not decompress."""
     out: list[bytes | None] = []
@@ -438,7 +443,7 @@ class SparseExtent(Extent):
             await self._write_compressed(rel, buf, base)
             return
         updates: dict[int, dict[int, int]] = {}
-        run_at, run = -1, []  # contiguous host writes gathered into one request
+        run_at, run_len, run = -1, 0, []  # contiguous host writes gathered into one request
         done = 0
         while done < len(buf):
             pos = rel + done
@@ -463,11 +468,12 @@ class SparseExtent(Extent):
                     seg = memoryview(whole)
                 seg_at = at + (in_grain if seg is piece else 0)
                 updates.setdefault(gd_i, {})[gt_i] = at // SECTOR
-            if run and run_at + sum(len(s) for s in run) == seg_at:
+            if run and run_at + run_len == seg_at:
                 run.append(seg)
+                run_len += len(seg)
             else:
                 await self._flush_run(run_at, run)
-                run_at, run = seg_at, [seg]
+                run_at, run_len, run = seg_at, len(seg), [seg]
             done += n
         await self._flush_run(run_at, run)
         if updates:
@@ -483,6 +489,7 @@ class SparseExtent(Extent):
         if not self.markers:
             raise self.io_error(errno.ENOTSUP, "write", self.start + rel, len(buf),
                                 f"compressed extent '{self.filename}' has no grain markers; it can only be read")
+        whole: list[tuple[int, memoryview]] = []  # complete grains, compressed together at the end
         done = 0
         while done < len(buf):
             pos = rel + done
@@ -491,39 +498,61 @@ class SparseExtent(Extent):
             grain_len = min(self.grain, self.length - (pos - in_grain))
             n = min(len(buf) - done, grain_len - in_grain)
             piece = buf[done:done + n]
+            done += n
             if self.pending is not None and self.pending[0] == index:
                 self.pending[1][in_grain:in_grain + n] = piece
-            else:
-                await self.commit()
-                if in_grain == 0 and n == grain_len:
-                    await self._append(index, piece)
-                else:
-                    whole = bytearray(grain_len)
-                    await self.read(pos - in_grain, memoryview(whole), base)
-                    whole[in_grain:in_grain + n] = piece
-                    self.pending = (index, whole)
-            done += n
-            if self.pending is not None and self.pending[0] == index and in_grain + n == grain_len:
-                await self.commit()  # a sequential writer has finished this grain
+                if in_grain + n == grain_len:
+                    await self.commit()  # a sequential writer has finished this grain
+                continue
+            if in_grain == 0 and n == grain_len:
+                whole.append((index, piece))
+                continue
+            await self.commit()
+            assembled = bytearray(grain_len)
+            await self.read(pos - in_grain, memoryview(assembled), base)
+            assembled[in_grain:in_grain + n] = piece
+            self.pending = (index, assembled)
+        if whole:
+            await self._append(whole)
 
     async def commit(self) -> None:
         """Append the grain being assembled, if any."""
         if self.pending is not None:
-            index, whole = self.pending
-            await self._append(index, memoryview(whole))
+            index, assembled = self.pending
+            await self._append([(index, memoryview(assembled))])
             self.pending = None
 
-    async def _append(self, index: int, data: memoryview) -> None:
-        pos = index * self.grain
-        gd_i, gt_i = self._where(pos)
-        await self._ensure_gt(gd_i, self.start + pos)
-        comp = zlib.compress(data)
-        rec = marker(pos // SECTOR, len(comp)) + comp
-        rec += bytes(-len(rec) % SECTOR)
-        at = self._alloc(len(rec), "write", self.start + pos)
-        await self.child.pwritev(at * SECTOR, memoryview(rec))
+    async def _append(self, grains: list[tuple[int, memoryview]]) -> None:
+        """Compress grains (on the thread pool, in parallel), append them as markers in one write, then map them."""
+        for index, _data in grains:
+            pos = index * self.grain
+            await self._ensure_gt(self._where(pos)[0], self.start + pos)
+        views = [data for _i, data in grains]
+        if self.run_blocking is not None and len(views) > 1:
+            parts = [views[i::2] for i in range(2)]
+            done = await asyncio.gather(*(self.run_blocking(_deflate_many, p) for p in parts))
+            comps: list[bytes] = [b""] * len(views)
+            for i, part in enumerate(done):
+                comps[i::2] = part
+        elif self.run_blocking is not None:
+            comps = await self.run_blocking(_deflate_many, views)
+        else:
+            comps = _deflate_many(views)
+        records: list[bytes] = []
+        updates: dict[int, dict[int, int]] = {}
+        first = -1
+        for (index, _data), comp in zip(grains, comps, strict=True):
+            pos = index * self.grain
+            rec = marker(pos // SECTOR, len(comp)) + comp
+            rec += bytes(-len(rec) % SECTOR)
+            at = self._alloc(len(rec), "write", self.start + pos)
+            first = at if first < 0 else first
+            records.append(rec)
+            gd_i, gt_i = self._where(pos)
+            updates.setdefault(gd_i, {})[gt_i] = at
         self.appended = True
-        await self._set_gtes({gd_i: {gt_i: at}}, self.start + pos)
+        await self.child.pwritev(first * SECTOR, memoryview(b"".join(records) if len(records) > 1 else records[0]))
+        await self._set_gtes(updates, self.start + grains[0][0] * self.grain)
 
     async def write_zeroes(self, rel: int, length: int, has_backing: bool, dry_run: bool) -> bool:
         """Zero whole grains through zeroed-grain entries, or skip grains that already read as zeros."""
