@@ -42,7 +42,10 @@ def test_sigkill_leaves_a_consistent_image_with_every_flushed_write(tmp_path: Pa
     bg("img", "create", "-q", "-f", "vhdx", "-o", "block_size=1M", img, "32M")
     journal.touch()
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(img), str(journal), str(seed)])
-    time.sleep(0.8 + random.Random(seed).random() * 1.5)  # where the kill lands, not a timing assertion
+    deadline = time.monotonic() + 60  # a guard against a writer that never starts, not a timing assertion
+    while journal.stat().st_size < 200 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(random.Random(seed).random() * 0.5)  # where, after the first writes, the kill lands
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     run("qemu-img", "check", "-r", "all", "-f", "vhdx", img, ok=False)
