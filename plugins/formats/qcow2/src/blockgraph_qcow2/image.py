@@ -143,11 +143,12 @@ class Image:
         if hit(h.refcount_table_offset, h.refcount_table_clusters * cs):
             return "refcount table"
         first, last = host // cs, (end - 1) // cs
+        refblocks, l2s = self._refblocks(), self._l2_tables()
         for c in range(first, last + 1):
             off = c * cs
-            if off in self._refblocks():
+            if off in refblocks:
                 return "refcount block"
-            if off in self._l2_tables():
+            if off in l2s:
                 return "active L2 table"
         return None
 

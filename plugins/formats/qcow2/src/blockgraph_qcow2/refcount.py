@@ -147,10 +147,26 @@ class Refcounts:
     async def alloc_clusters(self, n: int) -> int:
         """Find ``n`` contiguous free clusters, set their refcounts to 1, return the host offset."""
         start = await self.find_free_covered(n)
-        for c in range(start, start + n):
-            await self.set(c, 1)
+        await self.set_range(start, n, 1)
         self.free_hint = start + n
         return start << self.cbits
+
+    async def set_range(self, start: int, n: int, value: int) -> None:
+        """Set the refcounts of clusters [start, start+n) (their blocks must exist) to ``value``."""
+        c, end = start, start + n
+        while c < end:
+            r, i = divmod(c, self.entries)
+            k = min(end - c, self.entries - i)
+            off = self.block_offset(r)
+            blk = await self.cache.get(off)
+            if self.order >= 3:
+                w = 1 << (self.order - 3)
+                blk[i * w:(i + k) * w] = value.to_bytes(w, "big") * k
+            else:
+                for j in range(i, i + k):
+                    self._write_entry(blk, j, value)
+            self.cache.mark_dirty(off)
+            c += k
 
     async def find_free_covered(self, n: int) -> int:
         """The first cluster of ``n`` free contiguous ones whose refcount blocks exist (refcounts untouched)."""
@@ -192,16 +208,33 @@ class Refcounts:
         return off
 
     async def _find_free(self, n: int) -> int:
-        c = self.free_hint
-        run_start, run = c, 0
+        """The first run of ``n`` clusters with refcount 0 from ``free_hint`` (uncovered ranges count as free)."""
+        c = run_start = self.free_hint
+        run = 0
+        entries = self.entries
         while run < n:
-            if await self.get(c) == 0:
-                if run == 0:
-                    run_start = c
-                run += 1
+            r, i = divmod(c, entries)
+            k = min(n - run, entries - i)
+            off = self.block_offset(r)
+            if not off:
+                run, c = run + k, c + k
+                continue
+            blk = await self.cache.get(off)
+            if self.order >= 3:
+                w = 1 << (self.order - 3)
+                seg = blk[i * w:(i + k) * w]
+                used = len(seg.rstrip(b"\0"))
+                last_used = (used - 1) // w if used else -1
             else:
-                run = 0
-            c += 1
+                last_used = -1
+                for j in range(k):
+                    if self._read_entry(blk, i + j):
+                        last_used = j
+            if last_used < 0:
+                run, c = run + k, c + k
+            else:
+                c = c + last_used + 1
+                run_start, run = c, 0
         return run_start
 
     async def _new_block(self, rt_index: int, at: int) -> None:
