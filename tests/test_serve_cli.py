@@ -232,3 +232,23 @@ def test_writes_through_a_drive_by_name_reach_the_image(tmp_path: Path) -> None:
         assert d.stop() == 0
     assert replies[2]["return"].startswith("wrote 8192/8192 bytes at offset 4096")
     assert img.read_bytes()[4096:12288] == b"\x3c" * 8192
+
+
+def test_object_throttle_group_from_the_command_line_is_listed(tmp_path: Path) -> None:
+    with ServeProcess(tmp_path, ["--object", "throttle-group,id=tg0,x-bps-total=1048576",
+                                 "--object", '{"qom-type": "throttle-group", "id": "tg1", "limits": {"iops-total": 9}}'
+                                 ]) as d:
+        replies = _qmp(d.socket, {"execute": "qmp_capabilities"},
+                       {"execute": "qom-list", "arguments": {"path": "/objects"}})
+        assert d.stop() == 0
+    listed = {p["name"]: p["type"] for p in replies[2]["return"]}
+    assert listed["tg0"] == listed["tg1"] == "child<throttle-group>"
+
+
+def test_export_and_nbd_server_without_the_nbd_plugin_name_it() -> None:
+    for args in (["--blockdev", "null-co,node-name=n", "--export", "type=nbd,id=e,node-name=n"],
+                 ["--nbd-server", "addr.type=unix,addr.path=/tmp/blockgraph-never-nbd.sock"]):
+        r = subprocess.run([*BLOCKGRAPH[:-1], "-p", "no:nbd", "serve", *args], capture_output=True, text=True,
+                           timeout=30, stdin=subprocess.DEVNULL)
+        assert r.returncode == 1
+        assert "provided by blockgraph-nbd, which is not installed" in r.stderr
