@@ -190,6 +190,11 @@ class Copier:
         n = min(n, self.next_status - pos)
         if self.status == DATA:
             n = min(n, o.buf_size)
+        cc = o.compress_cluster
+        if cc:  # compressed writes cover whole clusters: a short piece is taken as data up to the cluster end
+            if n < cc:
+                return min(cc, self.total - pos), DATA
+            n -= n % cc
         return n, self.status
 
     async def count_allocated(self) -> None:

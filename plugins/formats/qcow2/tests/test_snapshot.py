@@ -177,3 +177,21 @@ def test_unsafe_rebase_only_rewrites_the_header(tmp_path: Path) -> None:
     assert bg("img", "rebase", "-u", "-b", b.name, "-F", "qcow2", str(t)) == (0, "", "")
     assert "backing file: y-b.qcow2" in qemu_img("info", str(t)).stdout
     clean(t)
+
+
+@pytest.mark.parametrize("ctype", ["zlib", "zstd"])
+def test_convert_compressed(tmp_path: Path, ctype: str) -> None:
+    import random
+
+    raw = tmp_path / "src.raw"
+    rng = random.Random(1)
+    raw.write_bytes(rng.randbytes(100000) + b"text " * 40000 + bytes(1 << 20) + rng.randbytes(5000))
+    out = tmp_path / "c.qcow2"
+    assert bg("img", "convert", "-c", "-O", "qcow2", "-o", f"compression_type={ctype}", "-f", "raw", str(raw),
+              str(out)) == (0, "", "")
+    clean(out)
+    assert qemu_img("compare", "-f", "raw", "-F", "qcow2", str(raw), str(out), check=False).returncode == 0
+    assert "compressed" in qemu_img("check", str(out)).stdout
+    assert out.stat().st_size < raw.stat().st_size
+    assert bg("img", "convert", "-c", "-O", "raw", "-f", "raw", str(raw), str(tmp_path / "x.raw")) == (
+        1, "", "qemu-img: Compression not supported for this file format\n")
