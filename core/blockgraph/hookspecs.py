@@ -52,7 +52,10 @@ def blockgraph_register_exports(register: Any) -> None:
       optionally ``async stop_server(daemon)``, called at shutdown after every export is deleted.
 
     The returned export object has ``id``, ``type``, ``node_name`` and ``shutting_down`` attributes and
-    ``async delete(mode)`` (``mode`` is ``safe`` or ``hard``) that stops serving and releases the node.
+    ``async delete(mode)`` (``mode`` is ``safe`` or ``hard``) that stops serving and releases the node; an
+    optional ``blk`` attribute (its BlockBackend) makes the graph dump show it as the export and turns its I/O
+    errors into BLOCK_IO_ERROR events. ``node-name`` may name a backend (QEMU's bdrv_lookup_bs): the core
+    passes the node's own name on.
     ``daemon`` is a :class:`blockgraph.daemon.Daemon`: ``daemon.session`` (the graph), ``daemon.emit(event,
     data)`` (QMP events), ``daemon.state`` (a dict for per-plugin state such as a running server),
     ``daemon.exports`` (id -> export). The core owns ``block-export-add``, ``block-export-del`` and
