@@ -83,10 +83,11 @@ def test_node_list_order_is_newest_first(both: tuple[dict[str, Any], dict[str, A
 
 
 def test_generated_child_names_and_graph_edges_match(both: tuple[dict[str, Any], dict[str, Any]]) -> None:
-    def edges(result: dict[str, Any]) -> set[tuple[str, str, str]]:
+    def edges(result: dict[str, Any]) -> set[tuple[str, ...]]:
         names = {n["id"]: n["name"] for n in result["graph"]["nodes"]}
         gen = lambda n: "#gen" if n.startswith("#") else n  # noqa: E731 - QEMU's counter differs
-        return {(gen(names[e["parent"]]), gen(names[e["child"]]), e["name"]) for e in result["graph"]["edges"]}
+        return {(gen(names[e["parent"]]), gen(names[e["child"]]), e["name"], " ".join(sorted(e["perm"])),
+                 " ".join(sorted(e["shared-perm"]))) for e in result["graph"]["edges"]}
 
     assert edges(both[1]) == edges(both[0])
     assert sum(n["node-name"].startswith("#") for n in both[0]["flat"]) == \
