@@ -200,3 +200,23 @@ def test_random_refcount_damage(tmp_path: Path, opts: str, seed: int) -> None:
     assert qemu_img("check", str(mine), check=False).returncode == qemu_img("check", str(theirs),
                                                                              check=False).returncode
     assert qemu_img("compare", str(theirs), str(mine), check=False).returncode == 0
+
+
+@pytest.mark.parametrize("entry", [1 << 30, 0x30100, 0, 0x10000])
+@pytest.mark.parametrize("repair", [[], ["-r", "all"], ["-r", "leaks"]])
+def test_damaged_refcount_table(tmp_path: Path, entry: int, repair: list[str]) -> None:
+    """A refcount table entry outside the image, unaligned, missing or pointing at the header."""
+    base = tmp_path / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(base), "4M")
+    qemu_io(base, "write -P 1 0 128k")
+    data = bytearray(base.read_bytes())
+    struct.pack_into(">Q", data, struct.unpack_from(">Q", data, 48)[0], entry)
+    theirs, mine = tmp_path / "theirs.qcow2", tmp_path / "mine.qcow2"
+    theirs.write_bytes(data)
+    mine.write_bytes(data)
+    real = qemu_img("check", *repair, str(theirs), check=False)
+    assert bg("check", *repair, str(mine)) == (real.returncode, real.stdout, real.stderr)
+    after = qemu_img("check", str(mine), check=False).returncode
+    assert after == qemu_img("check", str(theirs), check=False).returncode
+    if repair == ["-r", "all"]:
+        assert after == 0

@@ -229,7 +229,7 @@ class Checker:
                 if off:
                     self.inc(off, self.cs)
 
-    def check_refblocks(self, fix: CheckFix) -> None:
+    async def check_refblocks(self, fix: CheckFix) -> None:
         rc = self.img.rc
         for i, e in enumerate(rc.table):
             offset = e & REFT_OFFSET_MASK
@@ -246,8 +246,20 @@ class Checker:
                 continue
             if cluster >= self.nb_clusters:
                 self.res.corruptions += 1
-                self.msg(f"ERROR refcount block {i} is outside image")
-                self.rebuild = True
+                repair = bool(fix & CheckFix.ERRORS)
+                self.msg(f"{'Repairing' if repair else 'ERROR'} refcount block {i} is outside image")
+                if repair:
+                    try:  # grow the file so that the block exists (zeros), as QEMU does
+                        await self.img.file.truncate(offset + self.cs)
+                    except BlockGraphError as e:
+                        self.rebuild = True
+                        self.msg(f"ERROR could not resize image: {getattr(e, 'strerror', e)}")
+                        continue
+                    self.file_len = self.img.file.getlength()
+                    self.nb_clusters = -(-self.file_len // self.cs)
+                    self.res.corruptions -= 1
+                    self.res.corruptions_fixed += 1
+                    self.inc(offset, self.cs)
                 continue
             if offset:
                 self.inc(offset, self.cs)
@@ -279,7 +291,7 @@ class Checker:
         self.inc(h.snapshots_offset, getattr(self.drv, "snapshots_size", 0))
         self.inc(h.refcount_table_offset, len(img.rc.table) * 8)
         await self.check_bitmaps()
-        self.check_refblocks(fix)
+        await self.check_refblocks(fix)
 
     async def compare(self, fix: CheckFix) -> int:
         """Compare on-disk refcounts with the count; repair what ``fix`` allows. Returns the highest used cluster."""
