@@ -70,5 +70,8 @@ def test_query_block_of_drives_matches_qemu(tmp_path: Path) -> None:
         assert {k: b["inserted"][k] for k in INSERTED} == {k: q["inserted"][k] for k in INSERTED}, q["device"]
         assert b["inserted"]["image"]["virtual-size"] == q["inserted"]["image"]["virtual-size"]
     assert [s["device"] for s in ours["stats"]] == [s["device"] for s in theirs["stats"]]
+    for q, b in zip(theirs["stats"], ours["stats"], strict=True):
+        assert set(b) == set(q) and set(b["parent"]) == set(q["parent"])
+        assert b["parent"]["driver-specific"] == q["parent"]["driver-specific"]
     assert set(ours["stats"][0]["stats"]) >= {"rd_bytes", "wr_bytes", "rd_operations", "wr_operations",
                                               "flush_operations", "failed_rd_operations"}

@@ -148,6 +148,9 @@ def _stats(counters: dict[str, int] | None) -> dict[str, Any]:
 
 def _node_stats(node: Node) -> dict[str, Any]:
     out: dict[str, Any] = {"node-name": node.name, "stats": _stats(None)}
+    if node.driver_name in ("file", "host_device", "host_cdrom"):  # BlockStatsSpecificFile
+        out["driver-specific"] = {"driver": node.driver_name, "discard-nb-ok": 0, "discard-nb-failed": 0,
+                                  "discard-bytes-ok": 0}
     if node.file is not None:
         out["parent"] = _node_stats(node.file.node)
     cow = node.cow_child()
