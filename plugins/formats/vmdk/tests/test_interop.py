@@ -93,11 +93,13 @@ async def _bg_write(path: Path, writes: list[tuple[int, bytes]], zero: tuple[int
         await session.close()
 
 
-@pytest.mark.parametrize("subformat", SUBFORMATS)
+@pytest.mark.parametrize("subformat", [*SUBFORMATS, "monolithicSparse,zeroed_grain=on",
+                                       "streamOptimized,zeroed_grain=on"])
 def test_qemu_checks_and_compares_what_we_wrote(tmp_path: Path, subformat: str) -> None:
     rnd = random.Random(subformat)
     path = tmp_path / "b.vmdk"
-    bg_create(path, SIZE, subformat=subformat)
+    subformat, _, extra = subformat.partition(",")
+    bg_create(path, SIZE, subformat=subformat, **dict([extra.split("=")] if extra else []))
     writes = _patterned_writes(rnd, SIZE)
     zero = (2 << 20, 192 << 10)
     asyncio.run(_bg_write(path, writes, zero))
@@ -181,3 +183,21 @@ def test_info_and_map_match_qemu(tmp_path: Path, subformat: str) -> None:
         if argv[0] == "map" and subformat == "twoGbMaxExtentFlat":
             continue  # host filesystem allocation of the flat file decides the zero flags
         assert got == expected, argv
+
+
+def test_copy_on_write_from_a_qemu_parent(tmp_path: Path) -> None:
+    """Partial-grain writes to an overlay copy the rest of the grain from the parent; qemu-img agrees."""
+    base = tmp_path / "base.vmdk"
+    run(QEMU_IMG, "create", "-q", "-f", "vmdk", base, SIZE)
+    run(QEMU_IO, "-c", "write -P 0x5a 0 2M", base)
+    over = tmp_path / "over.vmdk"
+    bg_create(over, SIZE, backing_file="base.vmdk", backing_fmt="vmdk")
+    asyncio.run(_bg_write(over, [(70000, b"\x01" * 1000), (3 << 20, b"\x02" * 512)], (1 << 20, 64 << 10)))
+    expected = bytearray(SIZE)
+    expected[:2 << 20] = b"\x5a" * (2 << 20)
+    expected[70000:71000] = b"\x01" * 1000
+    expected[3 << 20:(3 << 20) + 512] = b"\x02" * 512
+    expected[1 << 20:(1 << 20) + (64 << 10)] = bytes(64 << 10)
+    assert qemu_raw(over, tmp_path / "ref.raw") == bytes(expected)
+    assert run(QEMU_IMG, "check", over).returncode == 0
+    assert bg_read_all(over) == bytes(expected)

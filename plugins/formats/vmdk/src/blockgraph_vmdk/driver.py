@@ -373,6 +373,14 @@ class VmdkDriver:
             out["backing-filename-format"] = "vmdk"
             if self.node.backing is not None:
                 out["full-backing-filename"] = self.node.backing.node.filename
+            else:  # backing=null: still say where it would be
+                from blockgraph.backing import full_backing_filename
+
+                try:
+                    out["full-backing-filename"] = full_backing_filename(
+                        self.file.node.filename, hint, self.node.graph_node.session.registry)
+                except OpenError:
+                    pass
         return out
 
     @staticmethod
