@@ -1,12 +1,12 @@
-"""Sparse extents: grain directory -> grain tables -> grains, with the redundant copy, zeroed and compressed grains.
+"""Sparse extents: grain directory -> grain tables -> grains, with the redundant copy and zeroed grains.
 
 Writes keep a crash-safe order: grain data first (always at the end of the
 file, so an interrupted allocation can only leave an unreferenced grain), then
-the grain table entries (primary, then redundant), then a directory entry when
-a new grain table had to be made. Compressed (streamOptimized) extents append
-each grain as a marker; a partly written grain is assembled in memory and
-appended when the writer moves on, flushes or closes, and a footer and an
-end-of-stream marker are written at close.
+the grain table entries (primary, then redundant). When the directory has no
+table for a grain, an empty table is written and linked first, which maps
+nothing, so every intermediate state reads as before. As in QEMU, nothing is
+synced between the steps; durability comes with flush.
+Compressed grains (streamOptimized) are in :mod:`blockgraph_vmdk.stream`.
 """
 
 from __future__ import annotations
