@@ -4,8 +4,8 @@ Writes keep a crash-safe order: grain data first (always at the end of the
 file, so an interrupted allocation can only leave an unreferenced grain), then
 the grain table entries (primary, then redundant). When the directory has no
 table for a grain, an empty table is written and linked first, which maps
-nothing, so every intermediate state reads as before. As in QEMU, nothing is
-synced between the steps; durability comes with flush.
+nothing, so every intermediate state reads as before. QEMU also syncs the file
+after every table update; here durability comes with the next flush instead.
 Compressed grains (streamOptimized) are in :mod:`blockgraph_vmdk.stream`.
 """
 
