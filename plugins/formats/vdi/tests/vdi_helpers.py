@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import shutil
 import subprocess
 import sys
@@ -28,7 +30,16 @@ def run(*cmd: str, ok: bool = True) -> subprocess.CompletedProcess:
 
 
 def bg(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    return run(BG, *args, ok=ok)
+    """``blockgraph ARGS...`` in this process (a subprocess would cost a Python start-up per call)."""
+    from blockgraph.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(args))
+    proc = subprocess.CompletedProcess([BG, *args], rc, out.getvalue(), err.getvalue())
+    if ok and rc != 0:
+        raise AssertionError(f"blockgraph {args} failed ({rc}): {proc.stdout}{proc.stderr}")
+    return proc
 
 
 def arun(coro: Any) -> Any:

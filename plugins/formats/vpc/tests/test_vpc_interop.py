@@ -226,3 +226,11 @@ def test_info_and_map_as_qemu(tmp_path: Path, subformat: str, force: str) -> Non
         q = run(QEMU_IMG, *args, "-f", "vpc", str(img))
         b = bg("img", *args, "-f", "vpc", str(img))
         assert b.stdout == q.stdout, args
+
+
+def test_no_check_as_qemu(tmp_path: Path) -> None:
+    img = tmp_path / "c.vhd"
+    create(img, MiB)
+    q = run(QEMU_IMG, "check", "-f", "vpc", str(img), ok=False)
+    b = bg("img", "check", "-f", "vpc", str(img), ok=False)
+    assert (b.returncode, b.stderr) == (q.returncode, q.stderr) == (63, q.stderr)
