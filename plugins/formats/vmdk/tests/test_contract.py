@@ -16,6 +16,7 @@ class VmdkContract(DriverContract):
     subformat = "monolithicSparse"
     create_opts: dict[str, Any] = {}
     invalid_options = {"x-allow-external-extents": "maybe"}
+    supports_truncate = False  # as QEMU: vmdk cannot be resized
 
     def make_options(self, tmp_path: Path, size: int) -> dict[str, Any]:
         path = tmp_path / "disk.vmdk"
