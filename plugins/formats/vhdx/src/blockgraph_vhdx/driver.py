@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import array
+import asyncio
 import uuid
 from typing import Any, ClassVar
 
 import attrs
-from blockgraph.driver import BlockStatus, CheckFix, CheckResult, DriverKind, ReqFlags, Status
+from blockgraph.driver import BlockStatus, CheckFix, CheckResult, Concurrency, DriverKind, ReqFlags, Status
 from blockgraph.errors import ImageCorrupt, NotSupported, OpenError
 from blockgraph.perms import ChildRole
 
@@ -45,6 +46,8 @@ class VhdxDriver:
     name: ClassVar[str] = "vhdx"
     kind: ClassVar[DriverKind] = DriverKind.FORMAT
     api_version: ClassVar[int] = 1
+    # Reads run side by side; writes take self.lock, since allocating a block moves the file's end and the BAT.
+    concurrency: ClassVar[Concurrency] = Concurrency.PARALLEL
     child_options: ClassVar[tuple[str, ...]] = ("file", "backing")
     Options: ClassVar[type] = VhdxOptions
     CreateOptions: ClassVar[type] = VhdxCreateOptions
@@ -68,6 +71,7 @@ class VhdxDriver:
         self.session_guid = uuid.uuid4()
         self.first_visible_write = True
         self.replayed_on_open = False
+        self.lock = asyncio.Lock()
         headers, current, raws = await read_headers(self.file, self.filename)
         hdr = headers[current]
         assert hdr is not None
@@ -331,6 +335,10 @@ class VhdxDriver:
         await self._logged_write([(sb_host + s, bytes(bm[s:s + LOG_SECTOR])) for s in range(lo, hi, LOG_SECTOR)])
 
     async def pwritev(self, offset: int, buf: memoryview, flags: ReqFlags) -> None:
+        async with self.lock:
+            await self._pwritev(offset, buf, flags)
+
+    async def _pwritev(self, offset: int, buf: memoryview, flags: ReqFlags) -> None:
         await self._visible_write()
         pos = 0
         for block, within, n in self._chunks(offset, len(buf)):
