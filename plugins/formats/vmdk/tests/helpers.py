@@ -41,8 +41,8 @@ async def open_blk(session: Session, path: Path, *, read_only: bool = False, **o
     return await BlockBackend.attach_new(session, node, read_only=read_only)
 
 
-def run(*argv: str | Path, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=check, timeout=120)
+def run(*argv: str | Path, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=check, timeout=120, cwd=cwd)
 
 
 def qemu_raw(image: Path, out: Path) -> bytes:

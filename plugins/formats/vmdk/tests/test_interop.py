@@ -201,3 +201,20 @@ def test_copy_on_write_from_a_qemu_parent(tmp_path: Path) -> None:
     assert qemu_raw(over, tmp_path / "ref.raw") == bytes(expected)
     assert run(QEMU_IMG, "check", over).returncode == 0
     assert bg_read_all(over) == bytes(expected)
+
+
+@pytest.mark.parametrize("argv", [
+    ["-o", "adapter_type=lsilogic,subformat=monolithicFlat", "x.vmdk", "1M"],
+    ["-o", "zeroed_grain=on,toolsversion=5,hwversion=7", "x.vmdk", "1M"],
+    ["-o", "subformat=foo", "x.vmdk", "1M"],
+    ["-o", "compat6=on,hwversion=7", "x.vmdk", "1M"],
+    ["-o", "subformat=twoGbMaxExtentFlat,zeroed_grain=on", "x.vmdk", "1M"],
+    ["-b", "base.vmdk", "-F", "raw", "x.vmdk"],
+    ["-o", "help"],
+])
+def test_create_messages_match_qemu(tmp_path: Path, argv: list[str]) -> None:
+    """The Formatting line (defaults included), -o help and the refusals, as qemu-img prints them."""
+    run(QEMU_IMG, "create", "-q", "-f", "vmdk", tmp_path / "base.vmdk", "1M")
+    theirs = run(QEMU_IMG, "create", "-f", "vmdk", *argv, check=False, cwd=tmp_path)
+    ours = run(BLOCKGRAPH, "img", "create", "-f", "vmdk", *argv, check=False, cwd=tmp_path)
+    assert (ours.returncode, ours.stdout, ours.stderr) == (theirs.returncode, theirs.stdout, theirs.stderr)
