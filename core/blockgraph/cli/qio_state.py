@@ -162,7 +162,6 @@ class IoState:
             raise OptionError("force-share=on can only be used with read-only images")
         if flags.snapshot:
             self.session.registry.driver("qcow2")  # says which distribution to install when it is missing
-            raise BlockGraphError("-s (snapshot=on, a temporary qcow2 overlay) is not supported by blockgraph io")
         if flags.copy_on_read and flags.read_only:
             raise OptionError("Can't use copy-on-read on read-only device")
         cache = parse_cache_mode(flags.cache)
@@ -184,6 +183,8 @@ class IoState:
               "write_cache": cache["write_cache"], "cache_direct": cache["cache_direct"],
               "no_flush": cache["no_flush"], "discard": flags.discard}
         with_aio = self._with_aio(filename, fmt, options, flags.aio) if flags.aio != "threads" else options
+        if flags.snapshot:
+            return await self._open_snapshot(filename, options, kw)
         if with_aio is options:
             return await self.session.open_backend(filename, options=options, **kw)
         if flags.aio == "native" and not cache["cache_direct"]:
@@ -196,6 +197,21 @@ class IoState:
             # An engine no installed plugin provides: qemu-io scripts keep working on the thread pool.
             error_report(f"warning: {e.reason}; using aio=threads")
             return await self.session.open_backend(filename, options=options, **kw)
+
+    async def _open_snapshot(self, filename: str, options: dict[str, Any], kw: dict[str, Any]) -> BlockBackend:
+        """-s: writes go to a temporary qcow2 overlay; the image itself is opened read-only (BDRV_O_SNAPSHOT)."""
+        from ..cmdline.open import open_temp_snapshot
+        from ..node import close_node
+
+        base = await self.session.open_image(filename, fmt=kw["fmt"], options=options, read_only=True,
+                                             cache_direct=kw["cache_direct"], discard=kw["discard"])
+        try:
+            top = await open_temp_snapshot(self.session, base)
+        except BaseException:
+            await close_node(base)
+            raise
+        return await BlockBackend.attach_new(self.session, top, read_only=kw["read_only"], share_all=True,
+                                             write_cache=kw["write_cache"])
 
     def _with_aio(self, filename: str, fmt: str | None, options: dict[str, Any], aio: str) -> dict[str, Any]:
         """``-i``/``-k`` select the file protocol's I/O engine; other protocols ignore it (as in QEMU)."""

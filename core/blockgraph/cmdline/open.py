@@ -71,7 +71,7 @@ async def _open_one(session: Any, exp: DriveExpansion, spec: dict[str, Any], ope
     if options.get("filename") == TEMPORARY:
         overlay = next(bd for bd in exp.blockdevs if bd.get("file") == spec["node-name"])
         backing = opened[overlay["backing"]]
-        options["filename"] = await _create_overlay(session, backing.length)
+        options["filename"] = await create_temp_overlay(session, backing.length)
         temp.append(options["filename"])
     if options["driver"] == PROBE:
         options["driver"], probed_raw = await _probe(session, options["file"])
@@ -94,7 +94,7 @@ async def _probe(session: Any, file: Node) -> tuple[str, bool]:
     return fmt, fmt == "raw"
 
 
-async def _create_overlay(session: Any, size: int) -> str:
+async def create_temp_overlay(session: Any, size: int) -> str:
     """An empty qcow2 of ``size`` in $TMPDIR or /var/tmp, as QEMU's bdrv_append_temp_snapshot."""
     cls = session.registry.driver("qcow2")
     tmpdir = os.environ.get("TMPDIR") or "/var/tmp"
@@ -118,6 +118,16 @@ async def _throttle_filter(session: Any, settings: dict[str, Any], root: Node) -
         raise
     except BlockGraphError as e:
         raise BlockGraphError(f"throttling this drive needs blockgraph-throttle's -drive support: {e}") from None
+
+
+async def open_temp_snapshot(session: Any, base: Node) -> Node:
+    """snapshot=on for a node already open: an empty temporary qcow2 on top of it, deleted once open."""
+    path = await create_temp_overlay(session, base.length)
+    try:
+        return await session.open_node({"driver": "qcow2", "backing": base, "cache": {"no-flush": True},
+                                        "file": {"driver": "file", "filename": path}})
+    finally:
+        _unlink(path)  # QEMU deletes the overlay at once too; the open descriptor keeps it alive
 
 
 def _unlink(path: str) -> None:
