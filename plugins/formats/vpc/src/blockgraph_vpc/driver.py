@@ -61,13 +61,28 @@ def _bits(bitmap: bytearray | bytes, first: int, count: int) -> tuple[bool, int]
 
 
 def _set_bits(bitmap: bytearray, first: int, count: int) -> bool:
-    """Mark sectors present; True when anything changed."""
+    """Mark sectors present (whole bytes at once); True when anything changed."""
     changed = False
-    for s in range(first, first + count):
+    s, end = first, first + count
+    while s < end and (s & 7 or end - s < 8):
         mask = 0x80 >> (s & 7)
         if not bitmap[s >> 3] & mask:
             bitmap[s >> 3] |= mask
             changed = True
+        s += 1
+    lo, hi = s >> 3, end >> 3
+    if hi > lo:
+        full = b"\xff" * (hi - lo)
+        if bitmap[lo:hi] != full:
+            bitmap[lo:hi] = full
+            changed = True
+        s = hi << 3
+    while s < end:
+        mask = 0x80 >> (s & 7)
+        if not bitmap[s >> 3] & mask:
+            bitmap[s >> 3] |= mask
+            changed = True
+        s += 1
     return changed
 
 
@@ -350,8 +365,8 @@ class VpcDriver:
         await self.file.pwritev(new_end, memoryview(self.footer_raw))
         await self.file.flush()
         self.bat[block] = start // SECTOR
+        # Durable with the next flush, like any write.
         await self.file.pwritev(self.bat_offset + 4 * block, memoryview((start // SECTOR).to_bytes(4, "big")))
-        await self.file.flush()
         self.free_offset = new_end
         self.bitmaps[block] = bm
         if len(self.bitmaps) > BITMAP_CACHE:
