@@ -178,6 +178,19 @@ def test_structured_read_sends_holes_unless_df(srv: ServerThread, image: Path) -
     h.shutdown()
 
 
+def test_sparse_reads_follow_writes(srv: ServerThread, image: Path) -> None:
+    srv.export(image, writable=True, discard="unmap")
+    h = connect(srv.uri())
+    assert _chunks(h, MiB, MiB) == [(MiB, MiB, nbd.READ_DATA)]
+    h.zero(MiB, MiB)  # punches a hole where the server just saw data
+    assert h.pread(MiB, MiB) == bytes(MiB)
+    assert _chunks(h, MiB, 3 * MiB) == [(3 * MiB, MiB, nbd.READ_HOLE)]
+    h.pwrite(b"\x44" * MiB, 3 * MiB)
+    assert _chunks(h, MiB, 3 * MiB) == [(3 * MiB, MiB, nbd.READ_DATA)]
+    assert h.pread(MiB, 3 * MiB) == b"\x44" * MiB
+    h.shutdown()
+
+
 def test_read_past_the_end_is_einval(srv: ServerThread, image: Path) -> None:
     srv.export(image)
     h = connect(srv.uri())

@@ -28,6 +28,7 @@ ID_ALLOCATION_DEPTH = 1
 ID_FIRST_BITMAP = 2
 MAX_EXTENTS = 65536  # per BLOCK_STATUS chunk (proto.md allows 2^20; fewer keeps one reply small)
 NO_BITMAPS = "blockgraph has no dirty bitmaps yet"
+READ_LOOKAHEAD = 64 * 1024 * 1024  # how far read_map asks block status to look
 YIELD_EVERY = 256  # block-status steps between two yields to the event loop
 
 
@@ -46,6 +47,7 @@ class NbdExport:
     node_name: str = ""
     shutting_down: bool = False
     clients: set[Any] = attrs.Factory(set)
+    _data_span: tuple[int, int] = (0, 0)  # the last extent block status called data (read_map)
 
     type = "nbd"
 
@@ -145,20 +147,31 @@ class NbdExport:
         return st.length, depth + 1 if st.flags & Status.ALLOCATED else 0
 
     async def read_map(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
-        """``[(offset, length, zero)]`` for a sparse READ reply: zero runs become OFFSET_HOLE chunks."""
-        out: list[tuple[int, int, bool]] = []
+        """``[(offset, length, zero)]`` for a sparse READ reply: zero runs become OFFSET_HOLE chunks.
+
+        Block status is asked READ_LOOKAHEAD ahead and the last data extent remembered, so sequential
+        reads of allocated data walk once per extent, not once per request. Only data is remembered:
+        if it has become zero since, the reply carries the zeros as data, which is still right.
+        """
         end = offset + length
+        lo, hi = self._data_span
+        if lo <= offset and end <= hi:
+            return [(offset, length, False)]
+        out: list[tuple[int, int, bool]] = []
         pos = offset
         steps = 0
         while pos < end:
             steps += 1
             if not steps % YIELD_EVERY:
                 await asyncio.sleep(0)
-            n, flags = await self._allocation(pos, end - pos)
+            n, flags = await self._allocation(pos, max(end - pos, READ_LOOKAHEAD))
             if n <= 0:
                 out.append((pos, end - pos, False))
                 break
             zero = bool(flags & P.STATE_ZERO)
+            if not zero:
+                self._data_span = (pos, pos + n)
+            n = min(n, end - pos)
             if out and out[-1][2] == zero:
                 o, m, _ = out[-1]
                 out[-1] = (o, m + n, zero)

@@ -10,6 +10,7 @@ that stops reading for ``stall_timeout`` seconds is treated as gone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import Sequence
 
@@ -17,6 +18,8 @@ RECV_BUFFER = 256 * 1024
 IOV_CHUNK = 512  # buffers per sendmsg, well under IOV_MAX
 HIGH_WATER = 8 * 1024 * 1024  # queued reply bytes above which repliers wait
 LOW_WATER = 2 * 1024 * 1024
+UNIX_SNDBUF = 4 * 1024 * 1024
+SEND_NOW = 1024 * 1024  # queued bytes that go out at once instead of at the end of the loop iteration
 
 
 class PeerGone(Exception):
@@ -28,6 +31,11 @@ class Channel:
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        elif sock.family == socket.AF_UNIX:
+            # TCP tunes its buffers itself; a unix socket's default (~200 KiB) holds less than one large
+            # reply, so every big READ would wake us several times to push the rest.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
         self.sock = sock
         self.loop = asyncio.get_running_loop()
         self.stall_timeout = stall_timeout
@@ -139,7 +147,13 @@ class Channel:
             raise PeerGone("connection closed")
         self._out.extend(bufs)
         self.queued += sum(len(b) for b in bufs)
-        if self._flush_handle is None and self._writer is None:
+        if self._writer is not None:
+            return
+        if self.queued >= SEND_NOW:  # enough for a system call of its own: the peer can start on it now
+            if self._flush_handle is not None:
+                self._flush_handle.cancel()
+            self._flush()
+        elif self._flush_handle is None:
             self._flush_handle = self.loop.call_soon(self._flush)
 
     async def wait_room(self) -> None:
@@ -164,13 +178,12 @@ class Channel:
                 sent = self.sock.sendmsg(part)
             except (BlockingIOError, InterruptedError):
                 return False
-            whole = sent == sum(len(b) for b in part)
-            self._consume(sent)
-            if not whole:
+            if self._consume(sent) < len(part):  # the socket buffer is full
                 return False
         return True
 
-    def _consume(self, n: int) -> None:
+    def _consume(self, n: int) -> int:
+        """Drop ``n`` sent bytes from the queue; returns how many whole buffers went out."""
         out = self._out
         self.queued -= n
         i = 0
@@ -185,6 +198,7 @@ class Channel:
         del out[:i]
         if self.queued <= LOW_WATER or not out:
             self._room.set()
+        return i
 
     def _flush(self) -> None:
         self._flush_handle = None
