@@ -149,9 +149,12 @@ class VdiDriver:
                                       f"{h.blocks_in_image}")
         entry = h.blocks_allocated
         at = h.offset_data + entry * BLOCK_SIZE
-        whole = bytearray(BLOCK_SIZE)
-        whole[in_block:in_block + len(data)] = data
-        await self.file.pwritev(at, memoryview(whole))
+        if len(data) == BLOCK_SIZE:
+            await self.file.pwritev(at, data)
+        else:
+            whole = bytearray(BLOCK_SIZE)
+            whole[in_block:in_block + len(data)] = data
+            await self.file.pwritev(at, memoryview(whole))
         self.bmap[block] = entry
         h.blocks_allocated += 1
 

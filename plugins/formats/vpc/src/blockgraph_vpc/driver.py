@@ -345,9 +345,10 @@ class VpcDriver:
 
         QEMU writes the bitmap, then the footer at the new end, then the BAT entry, then the data.
         We keep that order but write the data together with the bitmap, before the footer and the
-        BAT entry: until the BAT entry (the commit point, flushed after everything else) reaches the
-        disk, a crash leaves only unreferenced space, and the copy of the footer at offset 0 keeps the
-        image readable even while the trailing footer is being moved.
+        BAT entry, and flush before the BAT entry (the commit point): a crash before it leaves only
+        unreferenced space, never a BAT entry pointing at unwritten data, and the copy of the footer
+        at offset 0 keeps the image readable while the trailing one moves. The BAT entry itself is
+        durable with the next flush, like the data of any write.
         """
         if block >= len(self.bat) or block * self.block_size >= self.size:
             raise BlockIOError(errno.EIO, node=self.node.node_name, op="write", offset=block * self.block_size,
