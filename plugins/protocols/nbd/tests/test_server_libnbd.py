@@ -33,6 +33,7 @@ MiB = 1 << 20
 @attrs.frozen(kw_only=True)
 class RamOptions:
     size: int = opt(converter=parse_size)
+    align: int = opt(1, converter=parse_size)
 
 
 class SlowZeroRam:
@@ -46,6 +47,7 @@ class SlowZeroRam:
 
     async def open(self, node: Any, options: RamOptions) -> None:
         self.data = bytearray(options.size)
+        node.set_limits(request_alignment=options.align)
 
     async def close(self) -> None:
         pass
@@ -108,6 +110,25 @@ def test_block_sizes_and_flags(srv: ServerThread, image: Path) -> None:
     assert h.can_fua() and h.can_flush() and h.can_trim() and h.can_zero() and h.can_fast_zero()
     assert h.can_df() and h.can_cache() and h.can_multi_conn() and not h.is_read_only()
     h.shutdown()
+
+
+def test_block_size_of_an_aligned_node(srv: ServerThread) -> None:
+    srv.export_node({"driver": "test-slowzero", "size": "1M", "align": "4096"}, writable=True)
+    h = connect(srv.uri())  # libnbd asks for block sizes: it is told the node's alignment
+    assert h.get_block_size(nbd.SIZE_MINIMUM) == 4096
+    h.set_strict_mode(0)
+    h.pwrite(b"\x07" * 100, 4000)  # unaligned all the same: the generic layer does read-modify-write
+    assert h.pread(104, 3998) == b"\0\0" + b"\x07" * 100 + b"\0\0"
+    h.shutdown()
+    blind = nbd.NBD()
+    blind.set_request_block_size(False)
+    blind.set_opt_mode(True)
+    blind.connect_uri(srv.uri())
+    with pytest.raises(nbd.Error):  # NBD_OPT_INFO without a block-size request: ERR_BLOCK_SIZE_REQD
+        blind.opt_info()
+    blind.opt_go()  # GO is served, with a minimum of 1 since the client did not ask
+    assert blind.get_block_size(nbd.SIZE_MINIMUM) == 1
+    blind.shutdown()
 
 
 @pytest.mark.parametrize(("limit", "writable", "multi"), [(1, True, False), (1, False, False), (0, True, True),

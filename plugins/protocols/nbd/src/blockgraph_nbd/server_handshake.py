@@ -128,9 +128,13 @@ class Negotiation:
         if Info.DESCRIPTION in requests and exp.description:
             await self._reply(option, Rep.INFO, P.encode_info_description(exp.description))
         minimum, preferred, maximum = exp.block_sizes()
-        await self._reply(option, Rep.INFO, P.encode_info_block_size(minimum, preferred, maximum))
+        asked = Info.BLOCK_SIZE in requests
+        # Sent always, as QEMU does; a GO client that did not ask may ignore it, so it is told 1 (the
+        # generic layer takes unaligned requests anyway).
+        shown = minimum if asked or option == Opt.INFO else 1
+        await self._reply(option, Rep.INFO, P.encode_info_block_size(shown, preferred, maximum))
         await self._reply(option, Rep.INFO, P.encode_info_export(exp.size(), exp.flags(self.structured)))
-        if option == Opt.INFO and Info.BLOCK_SIZE not in requests and minimum > 1:
+        if option == Opt.INFO and not asked and minimum > 1:
             raise _OptionRefused(Rep.ERR_BLOCK_SIZE_REQD,
                                  "request NBD_INFO_BLOCK_SIZE to use this export")
         await self._reply(option, Rep.ACK)
