@@ -183,3 +183,29 @@ def test_refusal_reaches_the_cli(layout: tuple[Path, Path]) -> None:
     res = run(BLOCKGRAPH, "img", "info", desc, check=False)
     assert res.returncode == 1 and str(secret) in res.stderr and "x-allow-external-extents" in res.stderr
     assert os.path.exists(secret)
+
+
+def test_tables_pointing_at_the_header_are_not_written(tmp_path: Path) -> None:
+    """A corrupt grain table entry or redundant table that points at the header makes writes fail, not clobber."""
+    path = tmp_path / "d.vmdk"
+    bg_create(path, 1 << 20)
+    raw = path.read_bytes()
+    gd, rgd = struct.unpack_from("<Q", raw, 56)[0], struct.unpack_from("<Q", raw, 48)[0]
+    _patch(path, rgd * 512, "<I", 0)  # the redundant grain table of the first 32 MiB now "is" the header
+    gt = struct.unpack_from("<I", raw, gd * 512)[0]
+    _patch(path, gt * 512 + 4, "<I", 0)  # ... and keep grain 1 unallocated
+    before = path.read_bytes()
+
+    async def write(offset: int) -> None:
+        session = Session()
+        try:
+            blk = await open_blk(session, path)
+            await blk.pwritev(offset, memoryview(b"\x01" * 512))
+        finally:
+            await session.close()
+
+    asyncio.run(write(65536))  # rgd entry 0 means "no redundant table": allowed
+    _patch(path, rgd * 512, "<I", 1)
+    with pytest.raises(BlockGraphError, match="overlaps the header"):
+        asyncio.run(write(2 * 65536))
+    assert path.read_bytes()[:512] == before[:512]

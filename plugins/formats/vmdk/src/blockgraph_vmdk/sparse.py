@@ -19,9 +19,12 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from blockgraph.errors import OpenError
+
 from .extent import COMPRESSED, DATA, SPARSE, UNALLOC, ZEROED, Extent
 from .format import (
     FLAG_MARKER,
+    FLAG_RGD,
     FLAG_ZERO_GRAIN,
     GTE_ZEROED,
     MARKER_FOOTER,
@@ -79,13 +82,13 @@ class SparseExtent(CompressedGrains, Extent):
         flen = self.child.getlength()
         n = self.hdr.gd_entries
         self.gd = await self._read_dir(self.gd_offset, n, flen, "l1 table")
-        if self.hdr.rgd_offset and self.hdr.flags & 2 and not self.hdr.cowd:
+        if self.hdr.rgd_offset and self.hdr.flags & FLAG_RGD and not self.hdr.cowd:
             self.rgd = await self._read_dir(self.hdr.rgd_offset, n, flen, "l1 backup table")
         sectors = (flen + SECTOR - 1) // SECTOR
         if self.compressed:
-            self.next_sector = max(sectors, self.hdr.grain_offset)
             if writable:
-                self.next_sector = await self.before_footer(sectors)
+                sectors = await self.before_footer(sectors)
+            self.next_sector = max(sectors, self.hdr.grain_offset)
         else:
             g = self.hdr.granularity
             self.next_sector = (sectors + g - 1) // g * g
@@ -111,9 +114,15 @@ class SparseExtent(CompressedGrains, Extent):
         return sectors
 
     def _open_error(self, msg: str) -> Exception:
-        from blockgraph.errors import OpenError
-
         return OpenError(msg)
+
+    def _writable_at(self, sector: int, nbytes: int, what: str, voff: int) -> None:
+        """Refuse to write metadata or data that a corrupt table places over the header or the descriptor."""
+        meta_end = max(1, self.hdr.desc_offset + self.hdr.desc_size) if not self.hdr.cowd else 1
+        if sector < meta_end:
+            raise self.io_error(errno.EIO, "write", voff, nbytes,
+                                f"{what} of '{self.filename}' at sector {sector} overlaps the header or the "
+                                f"descriptor: the image is corrupt")
 
     # ------------------------------------------------------------ tables
 
@@ -199,9 +208,13 @@ class SparseExtent(CompressedGrains, Extent):
             for i, v in entries.items():
                 new[i - lo] = v
             raw = _le32_bytes(new)
+            backup = self.rgd[gd_i] if self.rgd is not None and gd_i < len(self.rgd) else 0
+            self._writable_at(sector, len(raw), f"grain table {gd_i}", voff)
+            if backup:
+                self._writable_at(backup, len(raw), f"redundant grain table {gd_i}", voff)
             await self.child.pwritev(sector * SECTOR + lo * 4, memoryview(raw))
-            if self.rgd is not None and gd_i < len(self.rgd) and self.rgd[gd_i]:
-                await self.child.pwritev(self.rgd[gd_i] * SECTOR + lo * 4, memoryview(raw))
+            if backup:
+                await self.child.pwritev(backup * SECTOR + lo * 4, memoryview(raw))
             table[lo:hi + 1] = new
 
     async def _ensure_gt(self, gd_i: int, voff: int) -> None:
@@ -312,6 +325,7 @@ class SparseExtent(CompressedGrains, Extent):
             piece = buf[done:done + n]
             state, host = await self.lookup(pos, "write")
             if state == DATA:
+                self._writable_at(host // SECTOR, n, "grain", self.start + pos)
                 seg_at, seg = host + in_grain, piece
             else:
                 gd_i, gt_i = self._where(pos)
