@@ -106,8 +106,9 @@ class Qcow2Driver(WriteMixin, FullDiscardMixin, ResizeMixin, CheckMixin, Snapsho
             h.autoclear_features = keep
             await img.write_header()
             await self.file.flush()
-        node.set_limits(request_alignment=1, pdiscard_alignment=h.cluster_size,
-                        pwrite_zeroes_alignment=img.sc_size)
+        # Zero writes come unsplit: pwrite_zeroes handles unaligned edges itself (it widens them to whole
+        # subclusters that already read zeros, as QEMU's qcow2_co_pwrite_zeroes).
+        node.set_limits(request_alignment=1, pdiscard_alignment=h.cluster_size)
         self._clean_task = None
         if options.cache_clean_interval > 0:
             self._clean_task = asyncio.get_running_loop().create_task(self._clean_loop(options.cache_clean_interval))

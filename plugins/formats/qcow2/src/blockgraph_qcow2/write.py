@@ -303,18 +303,58 @@ class WriteMixin:
 
     async def pwrite_zeroes(self, offset: int, length: int, flags: ReqFlags) -> None:
         img = self.img
-        if img.h.version < 3:
-            raise NotSupported("qcow2 v2 has no zero clusters")
+        v2 = img.h.version < 3
+        if v2 and self.backing is not None:
+            raise NotSupported("qcow2 v2 has no zero clusters")  # without a backing file, v2 unmaps instead
         gran = img.sc_size
-        lo = -(-offset // gran) * gran
-        hi = (offset + length) // gran * gran
-        if hi <= lo:
-            raise NotSupported("zero write smaller than a (sub)cluster")
+        end = offset + length
+        unmap = bool(flags & ReqFlags.MAY_UNMAP) or v2
+        lo, hi = -(-offset // gran) * gran, end // gran * gran
+        if hi < lo:  # inside one (sub)cluster
+            await self._zero_edge(lo - gran, lo, offset, end, unmap, v2)
+            return
         if lo > offset:
-            await self.pwritev(offset, memoryview(bytes(lo - offset)), ReqFlags.NONE)
-        await self._zero_range(lo, hi, unmap=bool(flags & ReqFlags.MAY_UNMAP), discard_type="request")
-        if offset + length > hi:
-            await self.pwritev(hi, memoryview(bytes(offset + length - hi)), ReqFlags.NONE)
+            await self._zero_edge(lo - gran, lo, offset, lo, unmap, v2)
+        if hi > lo:
+            await self._zero_range(lo, hi, unmap=unmap, discard_type="request", from_discard=v2)
+        if end > hi:
+            await self._zero_edge(hi, min(hi + gran, -(-img.h.size // gran) * gran), hi, end, unmap, v2)
+
+    async def _zero_edge(self, sub_lo: int, sub_hi: int, lo: int, hi: int, unmap: bool, v2: bool) -> None:
+        """Zero [lo, hi) inside the (sub)cluster [sub_lo, sub_hi): the whole (sub)cluster when it already reads
+        zeros (decided while holding its cluster, as QEMU widens unaligned zero writes), else explicit zeros."""
+        img = self.img
+        c = sub_lo >> img.cbits
+        while not await self._reserve(c, c + 1):
+            pass
+        try:
+            if await self._reads_zero(sub_lo, sub_hi):
+                async with self.meta_lock:
+                    await self._zero_cluster(c, sub_lo, sub_hi, unmap=unmap, from_discard=v2)
+                return
+        finally:
+            self._release(c, c + 1)
+        await self.pwritev(lo, memoryview(bytes(hi - lo)), ReqFlags.NONE)
+
+    async def _reads_zero(self, start: int, end: int) -> bool:
+        """Whether guest [start, end) is known to read zeros without reading data (QEMU's is_zero)."""
+        pos = start
+        while pos < end:
+            m = await self.img.lookup(pos, end - pos)
+            if m.type in (CT.ZERO_PLAIN, CT.ZERO_ALLOC):
+                pass
+            elif m.type in (CT.UNALLOCATED, CT.UNALLOCATED_ALLOC):
+                if self.backing is not None:
+                    from blockgraph.driver import Status
+                    from blockgraph.io import block_status_above
+
+                    bst, _ = await block_status_above(self.backing.node, pos, m.length)
+                    if not bst.flags & Status.ZERO or bst.length < m.length:
+                        return False
+            else:
+                return False
+            pos += m.length
+        return True
 
     async def pdiscard(self, offset: int, length: int) -> None:
         img = self.img
@@ -352,13 +392,10 @@ class WriteMixin:
         cs, cbits = self.cluster_size, img.cbits
         l1i = c >> img.l2_bits
         i = c & (img.l2_entries - 1)
-        if not img.l2_offset(l1i):
-            if self.backing is None:
-                return  # unallocated without a backing file already reads zeros
         entry, bitmap = await img.entry_at(c << cbits)
-        typ, _ = img.classify(entry, bitmap, 0)
-        if (not img.extl2 and typ in (CT.ZERO_PLAIN,)) or (typ == CT.UNALLOCATED and self.backing is None
-                                                          and not img.extl2):
+        if from_discard and not entry and not bitmap and self.backing is None:
+            return  # discard leaves unallocated clusters alone without a backing file (discard_in_l2_slice)
+        if not img.extl2 and img.classify(entry, bitmap, 0)[0] == CT.ZERO_PLAIN:
             return
         await self._meta_changing()
         _, table = await self._get_l2_for_write(l1i)
