@@ -69,6 +69,10 @@ def test_img_info_lists_the_parent(family: tuple[Path, Path, bytes]) -> None:
     out = bg("img", "info", str(child)).stdout
     assert f"backing file: parent.vhd (actual path: {child.parent / 'parent.vhd'})" in out
     assert "backing file format: vpc" in out
+    info = json.loads(bg("img", "info", "--output=json", str(child)).stdout)
+    refs = info["format-specific"]["data"]["parent-locators"]
+    assert {"platform": "W2ru", "path": "parent.vhd"} in refs  # every external name the image holds
+    assert {"platform": "W2ku", "path": str(child.parent / "parent.vhd")} in refs
     chain = json.loads(bg("img", "info", "--backing-chain", "--output=json", str(child)).stdout)
     assert [i["filename"] for i in chain][1] == str(child.parent / "parent.vhd")
 

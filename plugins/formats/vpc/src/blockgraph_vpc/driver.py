@@ -9,6 +9,7 @@ differencing disk. Fixed disks are the raw data followed by the footer.
 from __future__ import annotations
 
 import errno
+import uuid
 from array import array
 from collections import OrderedDict
 from typing import Any, ClassVar
@@ -107,6 +108,7 @@ class VpcDriver:
         self.file = await node.open_child("file", ChildRole.IMAGE)
         self.bitmaps: OrderedDict[int, bytearray] = OrderedDict()
         self.backing_name: str | None = None
+        self.references: list[tuple[str, str]] = []
         file_len = self.file.getlength()
         raw = await self._read_meta(0, fmt.FOOTER_SIZE, "footer") if file_len >= fmt.FOOTER_SIZE else b""
         if raw[:8] != fmt.COOKIE:
@@ -205,12 +207,9 @@ class VpcDriver:
         space = loc.data_space * SECTOR if loc.data_space < 0x10000 else loc.data_space
         return max(space, loc.data_length)
 
-    async def _open_parent(self) -> None:
-        """Differencing disk: the parent named by the locators (relative first), else the header's name."""
-        if self.node.backing_disabled():
-            await self.node.open_backing(None)  # consumes backing=null
-            return
-        names: list[str] = []
+    async def _parent_references(self) -> list[tuple[str, str]]:
+        """Every name the image gives its parent: (platform, path) of each locator, then the header's name."""
+        refs: list[tuple[str, str]] = []
         order = {fmt.PLAT_W2RU: 0, fmt.PLAT_W2KU: 1, fmt.PLAT_MACX: 2}
         for loc in sorted(self.dyn.locators, key=lambda c: order.get(c.platform, 9)):
             if loc.platform not in order or not 0 < loc.data_length <= 0x10000:
@@ -220,12 +219,26 @@ class VpcDriver:
             except ImageCorrupt:
                 continue
             name = fmt.decode_locator(loc.platform, data)
-            if name and name not in names:
-                names.append(name)
+            if name:
+                refs.append((loc.platform.decode(), name))
         header_name = fmt.decode_parent_name(self.dyn.parent_name)
-        for extra in ([header_name] if header_name else []) + [n.rsplit("/", 1)[-1] for n in names]:
-            if extra not in names:
-                names.append(extra)
+        if header_name:
+            refs.append(("name", header_name))
+        return refs
+
+    async def _open_parent(self) -> None:
+        """Differencing disk: the parent named by the locators (relative first), else the header's name."""
+        self.references = await self._parent_references()
+        if self.node.backing_disabled():
+            await self.node.open_backing(None)  # consumes backing=null
+            return
+        names: list[str] = []
+        for _platform, name in self.references:
+            if name not in names:
+                names.append(name)
+        for base in [n.rsplit("/", 1)[-1] for n in names]:
+            if base not in names:
+                names.append(base)
         # Only plain paths: a Windows drive path is useless here (its base name is tried instead), and an
         # untrusted image must not make us open json: trees or network URLs.
         names = [n for n in names if ":" not in n.split("/", 1)[0]]
@@ -261,6 +274,11 @@ class VpcDriver:
             if backing is not None:
                 out["full-backing-filename"] = backing.node.filename
                 out["backing-filename-format"] = backing.node.driver_name
+        if self.references:
+            # Only differencing disks (which QEMU cannot follow) have these: every external name the image holds.
+            out["format-specific"] = {"type": "vpc", "data": {
+                "parent-uuid": str(uuid.UUID(bytes=self.dyn.parent_uuid)),
+                "parent-locators": [{"platform": p, "path": n} for p, n in self.references]}}
         return out
 
     # ------------------------------------------------------------ mapping
