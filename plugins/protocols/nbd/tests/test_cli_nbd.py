@@ -38,10 +38,11 @@ def bg_nbd(*args: str, pre: tuple[str, ...] = ()) -> subprocess.CompletedProcess
 class Served:
     """``blockgraph nbd ... -k SOCK`` in the background, ready once the socket exists."""
 
-    def __init__(self, sock: Path, args: list[str], pre: tuple[str, ...] = ()) -> None:
+    def __init__(self, sock: Path, args: list[str], pre: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> None:
         self.sock = sock
         self.proc = subprocess.Popen([*BLOCKGRAPH, *pre, "nbd", "-k", str(sock), *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
         deadline = time.monotonic() + 30
         while not sock.exists():
             if self.proc.poll() is not None:
@@ -65,8 +66,8 @@ class Served:
 def serve(tmp_path: Path) -> Iterator[callable]:
     started: list[Served] = []
 
-    def start(*args: str, pre: tuple[str, ...] = ()) -> Served:
-        started.append(Served(tmp_path / f"s{len(started)}.sock", list(args), pre))
+    def start(*args: str, pre: tuple[str, ...] = (), env: dict[str, str] | None = None) -> Served:
+        started.append(Served(tmp_path / f"s{len(started)}.sock", list(args), pre, env))
         return started[-1]
 
     yield start
@@ -135,6 +136,20 @@ def test_snapshot_without_qcow2_says_which_plugin(image: Path, tmp_path: Path) -
 
 
 # ---------------------------------------------------------------- serving
+
+
+@need("qemu-io")
+def test_snapshot_keeps_writes_in_a_temporary_overlay(image: Path, serve: callable, tmp_path: Path) -> None:
+    before = image.read_bytes()
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir()
+    s = serve("-t", "-s", "-f", "raw", str(image), env={"TMPDIR": str(tmp)})
+    out = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x66 0 64k", "-c", "read -P 0x66 0 64k",
+                          "-c", "read -P 0x10 65552 1", s.uri()], capture_output=True, text=True, timeout=60).stdout
+    assert "Pattern verification failed" not in out and "wrote 65536/65536" in out
+    assert list(tmp.iterdir()) == []  # the overlay was deleted once open
+    assert s.stop() == 0
+    assert image.read_bytes() == before
 
 
 @need("nbdinfo")
