@@ -224,6 +224,9 @@ class SparseExtent(CompressedGrains, Extent):
                                                              f"entry {gd_i}")
         if self.gd[gd_i]:
             return
+        self._writable_at(self.gd_offset, 4, "grain directory", voff)
+        if self.rgd is not None:
+            self._writable_at(self.hdr.rgd_offset, 4, "redundant grain directory", voff)
         size = self.gtes * 4
         copies = 2 if self.rgd is not None else 1
         sectors = (size + SECTOR - 1) // SECTOR
