@@ -39,7 +39,7 @@ async def _serve(cfg: Config, host: Any, saved_stderr: int | None) -> int:
     pid_written = False
     try:
         try:
-            await server.listen(cfg.address())
+            await server.listen(cfg.address(), accept=False)
         except BlockGraphError as e:
             raise NbdExit(str(e)) from None
         node = await _open(session, cfg)
@@ -57,6 +57,7 @@ async def _serve(cfg: Config, host: Any, saved_stderr: int | None) -> int:
                 stop.set()
 
         server.on_client_closed = client_closed
+        server.accept()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, stop.set)

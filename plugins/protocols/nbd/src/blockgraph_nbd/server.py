@@ -108,15 +108,21 @@ class NbdServer:
 
     # ------------------------------------------------------------ listening
 
-    async def listen(self, addr: Any, backlog: int | None = None) -> None:
-        """Bind and start accepting; ``addr`` as :func:`parse_address` takes it."""
+    async def listen(self, addr: Any, backlog: int | None = None, *, accept: bool = True) -> None:
+        """Bind and (unless ``accept=False``: see :meth:`accept`) accept; ``addr`` as :func:`parse_address`."""
         a = parse_address(addr)
         backlog = backlog or (min(self.max_connections, socket.SOMAXCONN) if self.max_connections
                               else socket.SOMAXCONN)
         socks = self._unix_socket(a["path"], backlog) if a["type"] == "unix" else \
             await self._inet_sockets(a["host"], a["port"], backlog)
-        for s in socks:
-            self._listeners.append(s)
+        self._listeners += socks
+        if accept:
+            self.accept()
+
+    def accept(self) -> None:
+        """Start accepting on every bound socket. Until then clients wait in the listen backlog, as with
+        qemu-nbd, which binds before it opens the image but accepts only once the export exists."""
+        for s in self._listeners[len(self._accepting):]:
             self._accepting.append(asyncio.create_task(self._accept_loop(s)))
 
     def _unix_socket(self, path: str, backlog: int) -> list[socket.socket]:
