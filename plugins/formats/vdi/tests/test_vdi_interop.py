@@ -199,3 +199,25 @@ def test_create_output_as_qemu(tmp_path: Path, args: list[str]) -> None:
     q = run(QEMU_IMG, "create", "-f", "vdi", *args, ok=False)
     b = bg("img", "create", "-f", "vdi", *args, ok=False)
     same_output(q, b)
+
+
+def test_virtualbox_style_layout(tmp_path: Path) -> None:
+    """VirtualBox's own layout (header size 0x190, data area aligned to 1 MiB, its text, blocks out of
+    order in the data area) reads as qemu-img reads it, and our writes keep qemu-img check clean."""
+    img = tmp_path / "vbox.vdi"
+    h = hdr.Header(text=b"<<< Oracle VM VirtualBox Disk Image >>>\n", header_size=0x190, image_type=hdr.TYPE_DYNAMIC,
+                   offset_bmap=0x200, offset_data=MiB, disk_size=4 * MiB, blocks_in_image=4, blocks_allocated=2,
+                   uuid_image=b"\x01" * 16, uuid_last_snap=b"\x02" * 16)
+    bmap = struct.pack("<4I", 1, hdr.UNALLOCATED, 0, hdr.DISCARDED)
+    data = bytearray(MiB + 2 * MiB)
+    data[:512] = h.pack()
+    data[0x200:0x210] = bmap
+    data[MiB:2 * MiB] = b"\xbb" * MiB  # data block 0 holds disk block 2
+    data[2 * MiB:3 * MiB] = b"\xaa" * MiB  # data block 1 holds disk block 0
+    img.write_bytes(bytes(data))
+    ours = read_all(img)
+    assert ours == qemu_raw(img, "vdi", tmp_path)
+    assert ours == b"\xaa" * MiB + bytes(MiB) + b"\xbb" * MiB + bytes(MiB)
+    write_at(img, [(MiB + 4096, b"\xcc" * 512), (3 * MiB, b"\xdd" * 512)])
+    assert run(QEMU_IMG, "check", str(img)).returncode == 0
+    assert read_all(img) == qemu_raw(img, "vdi", tmp_path)
