@@ -12,8 +12,7 @@ from blockgraph.errors import BlockGraphError, NotSupported
 from blockgraph.session import Session
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from .helpers import QEMU_IMG, bg_create, needs_qemu, open_blk, run
+from vmdk_helpers import QEMU_IMG, bg_create, needs_qemu, open_blk, run
 
 SIZE = 1 << 20
 

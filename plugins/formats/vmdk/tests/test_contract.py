@@ -6,8 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from blockgraph.testing import DriverContract
-
-from .helpers import bg_create
+from vmdk_helpers import bg_create
 
 
 class VmdkContract(DriverContract):

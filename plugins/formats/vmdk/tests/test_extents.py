@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 from blockgraph.errors import BlockIOError
 from blockgraph.session import Session
-
-from .helpers import bg_read_all, open_blk
+from vmdk_helpers import bg_read_all, open_blk
 
 KIB = 1024
 

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 from blockgraph.session import Session
-
-from .helpers import (
+from vmdk_helpers import (
     BLOCKGRAPH,
     QEMU_IMG,
     QEMU_IO,

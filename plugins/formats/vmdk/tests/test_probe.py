@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 from blockgraph_vmdk.driver import VmdkDriver
-
-from .helpers import BLOCKGRAPH, QEMU_IMG, needs_qemu, run
+from vmdk_helpers import BLOCKGRAPH, QEMU_IMG, needs_qemu, run
 
 
 @pytest.mark.parametrize(("head", "score"), [

@@ -12,8 +12,7 @@ import pytest
 from blockgraph.errors import BlockIOError
 from blockgraph.perms import Perm
 from blockgraph.session import Session
-
-from .helpers import QEMU_IMG, bg_create, bg_read_all, needs_qemu, open_blk, qemu_raw, run
+from vmdk_helpers import QEMU_IMG, bg_create, bg_read_all, needs_qemu, open_blk, qemu_raw, run
 
 GRAIN = 65536
 

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 from blockgraph.errors import BlockGraphError, OpenError
 from blockgraph.session import Session
-
-from .helpers import BLOCKGRAPH, bg_create, bg_read_all, open_blk, run
+from vmdk_helpers import BLOCKGRAPH, bg_create, bg_read_all, open_blk, run
 
 SECRET = b"secret host data " * 64
 
