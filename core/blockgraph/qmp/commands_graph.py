@@ -6,14 +6,12 @@ from typing import Any
 
 from .. import io
 from ..driver import PreallocMode
-from ..log import get_logger
 from ..options import parse_bool
 from ..session import COMMON_KEYS
 from .commands_query import THROTTLE_FIELDS
 from .protocol import DeviceNotFound, QMPError
 from .registry import command
 
-log = get_logger(__name__)
 THROTTLE_MAX = 1_000_000_000_000_000  # QEMU's THROTTLE_VALUE_MAX
 
 
@@ -154,5 +152,3 @@ def block_set_io_throttle(daemon: Any, args: dict[str, Any]) -> None:
         return
     limits.setdefault("group", name)
     daemon.throttle[name] = limits
-    log.warning("throttle_limits_not_enforced", device=name,
-                reason="I/O limits are stored and reported; enforcing them needs blockgraph-throttle")
