@@ -56,7 +56,8 @@ async def backing_spec(node: Node, backing: str, fmt: str | None) -> Any:
     image = node.filename or (node.file.node.filename if node.file is not None else "")
     name = full_backing_filename(image, backing, registry)
     for above in _cow_ancestors(node):
-        if above.filename and _same_file(above.filename, name):
+        above_name = above.filename or (above.file.node.filename if above.file is not None else "")
+        if above_name and _same_file(above_name, name):
             raise OpenError(f"Could not open backing file '{name}' of '{image}': "
                             "the backing chain loops back to an image above it")
     if name.startswith("json:"):

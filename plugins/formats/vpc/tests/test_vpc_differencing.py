@@ -135,3 +135,14 @@ def test_locators_cannot_name_json_or_urls(tmp_path: Path) -> None:
     _diff(child, parent, [(fmt.PLAT_W2RU, evil.encode("utf-16-le")),
                           (fmt.PLAT_MACX, b"nbd://127.0.0.1:1/x")])
     assert read_all(child) == bytes(SIZE)
+
+
+def test_a_disk_naming_itself_as_parent_is_refused(tmp_path: Path) -> None:
+    parent, child = tmp_path / "p.vhd", tmp_path / "c.vhd"
+    create(parent, SIZE, force_size="on")
+    _diff(child, parent, [(fmt.PLAT_W2RU, "c.vhd".encode("utf-16-le"))])
+    data = bytearray(child.read_bytes())
+    data[512 + 64:512 + 576] = "c.vhd".encode("utf-16-be").ljust(512, b"\0")  # the header's name too
+    child.write_bytes(bytes(data))
+    proc = bg("img", "info", str(child), ok=False)
+    assert proc.returncode == 1 and "loops back" in proc.stderr
