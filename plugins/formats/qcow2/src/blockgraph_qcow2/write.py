@@ -266,7 +266,8 @@ class WriteMixin:
         plain = bytes(data) if len(data) == cs else bytes(data) + bytes(cs - len(data))
         from .compress import compress
 
-        packed = compress(img.h.compression_type, plain)
+        # In the blocking pool: zlib and zstd release the GIL, so clusters compress in parallel (as QEMU's pool).
+        packed = await self.node.run_blocking(compress, img.h.compression_type, plain)
         if len(packed) > cs - 1:  # no gain: QEMU writes a normal cluster
             await self.pwritev(offset, memoryview(plain)[:len(data)], ReqFlags.NONE)
             return
