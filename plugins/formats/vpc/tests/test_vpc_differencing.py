@@ -146,3 +146,22 @@ def test_a_disk_naming_itself_as_parent_is_refused(tmp_path: Path) -> None:
     child.write_bytes(bytes(data))
     proc = bg("img", "info", str(child), ok=False)
     assert proc.returncode == 1 and "loops back" in proc.stderr
+
+
+def test_dynamic_disk_honours_its_sector_bitmap(tmp_path: Path) -> None:
+    """Sectors whose bitmap bit is clear are not in use (VHD specification): zeros, and not data in the map.
+
+    QEMU ignores the bitmap; the images it writes always have every bit of a block set, so both read alike.
+    """
+    img = tmp_path / "d.vhd"
+    create(img, SIZE, force_size="on")
+    write_at(img, [(0, b"\x5a" * (2 * MiB))])
+    data = bytearray(img.read_bytes())
+    bat0 = int.from_bytes(data[1536:1540], "big") * 512
+    data[bat0 + 1] = 0x00  # sectors 8..15 not in use
+    img.write_bytes(bytes(data))
+    got = read_all(img)
+    assert got[:4096] == b"\x5a" * 4096 and got[4096:8192] == bytes(4096) and got[8192:2 * MiB] == b"\x5a" * (
+        2 * MiB - 8192)
+    rows = json.loads(bg("img", "map", "--output=json", str(img)).stdout)
+    assert [(r["start"], r["data"]) for r in rows][:3] == [(0, True), (4096, False), (8192, True)]

@@ -113,8 +113,7 @@ class VpcDriver:
         raw = await self._read_meta(0, fmt.FOOTER_SIZE, "footer") if file_len >= fmt.FOOTER_SIZE else b""
         if raw[:8] != fmt.COOKIE:
             if file_len < fmt.FOOTER_SIZE:
-                raise OpenError(f"Could not open '{node.graph_node.filename}': Invalid argument "
-                                f"(file of {file_len} bytes is too short for a VHD footer)")
+                raise OpenError(f"Invalid argument (a file of {file_len} bytes is too short for a VHD footer)")
             self.footer_at = file_len - fmt.FOOTER_SIZE
             raw = await self._read_meta(self.footer_at, fmt.FOOTER_SIZE, "footer")
             if raw[:8] != fmt.COOKIE:
@@ -129,8 +128,7 @@ class VpcDriver:
         self.footer_raw = raw
         sectors = fmt.virtual_sectors(footer, options.force_size_calc)
         if sectors > fmt.MAX_SECTORS:
-            raise OpenError(f"Could not open '{node.graph_node.filename}': File too large "
-                            f"(VHD footer gives {sectors} sectors, more than 2040 GiB)")
+            raise OpenError(f"File too large (the VHD footer gives {sectors} sectors, more than 2040 GiB)")
         self.size = sectors * SECTOR
         node.set_limits(request_alignment=SECTOR)
         if self.fixed:
