@@ -74,12 +74,11 @@ class Qcow2Driver(WriteMixin, FullDiscardMixin, ResizeMixin, CheckMixin, Snapsho
             raise OpenError("qcow2: Image is corrupt; cannot be opened read/write")
         lazy = h.lazy_refcounts if options.lazy_refcounts is None else options.lazy_refcounts
         if lazy and h.version < 3:
-            raise OptionError("Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level",
-                              node=node.node_name, driver="qcow2", option="lazy-refcounts")
+            raise OptionError("Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level")
         try:
             l2_bytes, _, rc_bytes = cache_sizes(options, h.cluster_size, h.size, h.l2_entry_size)
         except OptionError as e:
-            raise OptionError(e.reason, node=node.node_name, driver="qcow2") from None
+            raise OptionError(e.reason, option=e.option) from None  # QEMU prints the reason alone
         l2_n, rc_n = cache_clusters(l2_bytes, rc_bytes, h.cluster_size)
         self.img = img = Image(self.file, h, node_name=node.node_name, l2_cache_clusters=l2_n,
                                refcount_cache_clusters=rc_n)
