@@ -105,9 +105,15 @@ class Checker:
         esize = 16 if img.extl2 else 8
         table = await self.read(l2_off, self.cs)
         next_contiguous = 0
+        if table.count(0) == len(table):  # an empty table (or one past the end of the file) has nothing to count
+            return
+        vals = struct.unpack(f">{self.cs // 8}Q", table)
+        step = esize // 8
         for i in range(img.l2_entries):
-            entry = struct.unpack_from(">Q", table, i * esize)[0]
-            bitmap = struct.unpack_from(">Q", table, i * esize + 8)[0] if img.extl2 else 0
+            entry = vals[i * step]
+            bitmap = vals[i * step + 1] if img.extl2 else 0
+            if not entry and not bitmap:
+                continue
             typ = self.cluster_type(entry)
             if typ != COMPRESSED and entry & L2E_STD_RESERVED_MASK:
                 self.msg(f"ERROR found l2 entry with reserved bits set: {entry:x}")
@@ -297,39 +303,52 @@ class Checker:
         """Compare on-disk refcounts with the count; repair what ``fix`` allows. Returns the highest used cluster."""
         rc, res = self.img.rc, self.res
         highest = 0
-        for i in range(self.nb_clusters):
+        per = rc.entries
+        i = 0
+        while i < self.nb_clusters:
+            r = i // per
+            end = min(self.nb_clusters, (r + 1) * per)
             try:
-                r1 = await rc.get(i)
+                off = rc.block_offset(r)
+                disk = _decode(rc, await rc.cache.get(off)) if off else None
             except BlockGraphError as e:
-                self.msg(f"Can't get refcount for cluster {i}: {e}")
-                res.check_errors += 1
+                for k in range(i, end):
+                    self.msg(f"Can't get refcount for cluster {k}: {getattr(e, 'strerror', e)}")
+                    res.check_errors += 1
+                i = end
                 continue
-            r2 = self.refs[i] if i < len(self.refs) else 0
-            if r1 or r2:
-                highest = i
-            if r1 == r2:
-                continue
-            counter = None
-            if r1 == 0:
-                self.rebuild = True
-            elif r1 > r2 and fix & CheckFix.LEAKS:
-                counter = "leaks_fixed"
-            elif r1 < r2 and fix & CheckFix.ERRORS:
-                counter = "corruptions_fixed"
-            kind = "Repairing" if counter else "ERROR" if r1 < r2 else "Leaked"
-            self.msg(f"{kind} cluster {i} refcount={r1} reference={r2}")
-            if counter:
-                try:
-                    await rc.update(i << self.cbits, 1, r2 - r1)
-                    setattr(res, counter, getattr(res, counter) + 1)
-                    continue
-                except BlockGraphError:
-                    pass
-            if r1 < r2:
-                res.corruptions += 1
-            else:
-                res.leaks += 1
+            for k in range(i, end):
+                r1 = disk[k - r * per] if disk is not None else 0
+                r2 = self.refs[k] if k < len(self.refs) else 0
+                if r1 or r2:
+                    highest = k
+                if r1 != r2:
+                    await self._mismatch(k, r1, r2, fix)
+            i = end
         return highest
+
+    async def _mismatch(self, i: int, r1: int, r2: int, fix: CheckFix) -> None:
+        res = self.res
+        counter = None
+        if r1 == 0:
+            self.rebuild = True
+        elif r1 > r2 and fix & CheckFix.LEAKS:
+            counter = "leaks_fixed"
+        elif r1 < r2 and fix & CheckFix.ERRORS:
+            counter = "corruptions_fixed"
+        kind = "Repairing" if counter else "ERROR" if r1 < r2 else "Leaked"
+        self.msg(f"{kind} cluster {i} refcount={r1} reference={r2}")
+        if counter:
+            try:
+                await self.img.rc.update(i << self.cbits, 1, r2 - r1)
+                setattr(res, counter, getattr(res, counter) + 1)
+                return
+            except BlockGraphError:
+                pass
+        if r1 < r2:
+            res.corruptions += 1
+        else:
+            res.leaks += 1
 
     async def check_copied(self, fix: CheckFix) -> None:
         img, rc, res = self.img, self.img.rc, self.res
@@ -429,6 +448,14 @@ async def check_refcounts(drv: Any, res: CheckResult, fix: CheckFix) -> None:
     await img.rc.flush()
     await c.check_copied(fix)
     res.image_end_offset = (highest + 1) * img.cs
+
+
+def _decode(rc: Any, blk: bytearray) -> list[int]:
+    """Every entry of one refcount block (a snapshot: repairs made later do not change it)."""
+    o = rc.order
+    if o >= 3:
+        return list(struct.unpack(f">{rc.entries}{'BHIQ'[o - 3]}", blk))
+    return [rc._read_entry(blk, i) for i in range(rc.entries)]
 
 
 def _alloc_imrt(refs: array, count: int, first_free: int) -> tuple[int, int]:
