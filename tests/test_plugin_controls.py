@@ -62,18 +62,18 @@ def test_a_broken_plugin_is_reported_and_fatal_only_when_used(tmp_path: Path) ->
     site = tmp_path / "site"
     info = site / "blockgraph_broken-0.1.dist-info"
     info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: blockgraph-vmdk\nVersion: 0.1\n\n")
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: blockgraph-ssh\nVersion: 0.1\n\n")
     (info / "entry_points.txt").write_text("[blockgraph]\nbroken = blockgraph_broken_plugin\n")
     (site / "blockgraph_broken_plugin.py").write_text("raise ImportError('needs libfoo')\n")
     code = ("from blockgraph.plugins import PluginHost\nh = PluginHost()\n"
             "print([(p.name, p.error) for p in h.plugins if p.error])\nprint(sorted(h.drivers)[:3])\n"
-            "try:\n    h.driver('vmdk')\nexcept Exception as e:\n    print(e)\n")
+            "try:\n    h.driver('ssh')\nexcept Exception as e:\n    print(e)\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *sys.path])}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     lines = out.stdout.splitlines()
     assert lines[0] == "[('broken', 'ImportError: needs libfoo')]"
     assert "file" in lines[1]  # the others still load
-    assert lines[2] == "driver 'vmdk' is provided by blockgraph-vmdk, which failed to load: ImportError: needs libfoo"
+    assert lines[2] == "driver 'ssh' is provided by blockgraph-ssh, which failed to load: ImportError: needs libfoo"
 
 
 class _EverythingPlugin:
