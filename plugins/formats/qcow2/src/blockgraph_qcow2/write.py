@@ -34,7 +34,8 @@ from .constants import (
 CT = ClusterType
 _ALL_ALLOC = (1 << SUBCLUSTERS) - 1
 _ALL_ZERO = _ALL_ALLOC << SUBCLUSTERS
-_REUSABLE = (CT.ZERO_ALLOC, CT.UNALLOCATED_ALLOC)  # host cluster is ours, only the L2 entry changes
+_REUSABLE = (CT.ZERO_ALLOC, CT.UNALLOCATED_ALLOC)
+_COMPRESSED = int(ReqFlags.WRITE_COMPRESSED)  # host cluster is ours, only the L2 entry changes
 
 
 class WriteMixin:
@@ -154,7 +155,7 @@ class WriteMixin:
 
     async def pwritev(self, offset: int, buf: memoryview, flags: ReqFlags) -> None:
         img = self.img
-        if flags & ReqFlags.WRITE_COMPRESSED:
+        if flags and flags & _COMPRESSED:  # `flags and`: IntFlag operations cost about 1 us each
             for pos in range(0, len(buf), self.cluster_size):
                 await self._write_compressed(offset + pos, buf[pos:pos + self.cluster_size])
             return
