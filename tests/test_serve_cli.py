@@ -252,3 +252,26 @@ def test_export_and_nbd_server_without_the_nbd_plugin_name_it() -> None:
                            timeout=30, stdin=subprocess.DEVNULL)
         assert r.returncode == 1
         assert "provided by blockgraph-nbd, which is not installed" in r.stderr
+
+
+def test_snapshot_sync_without_qcow2_names_its_distribution(tmp_path: Path) -> None:
+    img = tmp_path / "b.raw"
+    img.write_bytes(b"\0" * 65536)
+    sock, pidfile = tmp_path / "n.sock", tmp_path / "n.pid"
+    p = subprocess.Popen([*BLOCKGRAPH[:-1], "-p", "no:qcow2", "serve", "--blockdev",
+                          f"driver=file,filename={img},node-name=f", "--chardev",
+                          f"socket,id=m,path={sock},server=on,wait=off", "--monitor", "m", "--pidfile", str(pidfile)],
+                         stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not pidfile.exists() and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.02)
+        replies = _qmp(str(sock), {"execute": "qmp_capabilities"},
+                       {"execute": "blockdev-snapshot-sync",
+                        "arguments": {"node-name": "f", "snapshot-file": str(tmp_path / "o.qcow2"),
+                                      "snapshot-node-name": "o"}})
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=30) == 0
+    assert "blockgraph-qcow2, which is not installed" in replies[2]["error"]["desc"]
+    assert not (tmp_path / "o.qcow2").exists()

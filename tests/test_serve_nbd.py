@@ -81,8 +81,10 @@ def test_snapshot_sync_while_an_nbd_client_writes(tmp_path: Path) -> None:
                                                                  "format": "qcow2"}))
         out, err = writer.communicate(timeout=60)
         blocks = asyncio.run(execute(d.socket, "query-block"))
+        commands = {c["name"] for c in asyncio.run(execute(d.socket, "query-commands"))}
         assert d.stop() == 0
     assert writer.returncode == 0, err
+    assert {"nbd-server-start", "nbd-server-stop", "block-export-add"} <= commands  # plugin commands listed
     assert first + acked(out) == list(range(48))
     assert blocks[0]["inserted"]["image"]["filename"] == str(top)
     assert blocks[0]["inserted"]["backing_file_depth"] == 1
