@@ -19,7 +19,7 @@ from ..driver import CheckFix, CheckResult
 from ..errors import BlockGraphError, NotSupported
 from .img_opts import Getopt, ImgExit, expect, usage_error
 from .img_qjson import dumps
-from .img_util import cache_mode, open_backend, qprint, run
+from .img_util import cache_mode, open_backend, open_node, qprint, run
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -98,6 +98,30 @@ def _reason(e: BlockGraphError) -> str:
     return os.strerror(err) if isinstance(err, int) and err > 0 else str(e)
 
 
+async def open_for_check(session: Session, filename: str, fmt: str | None, image_opts: bool, fix: bool,
+                         force_share: bool, cache: str) -> Node:
+    """The image as qemu-img check opens it (BDRV_O_CHECK): a repair opens it read-only and then reopens it
+    read-write, so that the driver's open-time fixes (a dirty image's automatic repair, the corrupt bit's
+    refusal) leave the work to the check, which reports it."""
+    if not fix:
+        blk = await open_backend(session, filename, fmt=fmt, image_opts=image_opts, read_only=True,
+                                 force_share=force_share, share_all=False, cache=cache)
+        return blk.node
+    node = await open_node(session, filename, fmt=fmt, image_opts=image_opts, read_only=True, cache=cache)
+    if node.caps is not None and node.caps.reopen:
+        try:
+            await session.reopen(node, read_only=False)
+            return node
+        except BlockGraphError as e:
+            raise ImgExit(f"Could not open '{filename}': {e}") from None
+    from ..node import close_node
+
+    await close_node(node)
+    blk = await open_backend(session, filename, fmt=fmt, image_opts=image_opts, read_only=False,
+                             share_all=False, cache=cache)
+    return blk.node
+
+
 def main(argv: list[str], host: PluginHost) -> int:
     return run(host, lambda session: _main(session, argv))
 
@@ -137,9 +161,8 @@ async def _main(session: Session, argv: list[str]) -> int:
     if output not in (None, "human", "json"):
         raise ImgExit("--output must be used with human or json as argument.")
     cache_mode(cache, "Invalid source cache option: {0}")
-    blk = await open_backend(session, filename, fmt=fmt, image_opts=image_opts, read_only=not fix,
-                             force_share=force_share, share_all=False, cache=cache)
-    node = check_node(blk.node)
+    top = await open_for_check(session, filename, fmt, image_opts, bool(fix), force_share, cache)
+    node = check_node(top)
     if node is None:
         raise ImgExit("This image format does not support checks", NOT_SUPPORTED)
     try:
@@ -161,7 +184,7 @@ async def _main(session: Session, argv: list[str]) -> int:
             sys.stderr.write(line + "\n")
         raise ImgExit(f"Check failed: {_reason(e)}") from None
     if output == "json":
-        qprint(quiet, dumps(to_json(res, filename, blk.node.driver_name)))
+        qprint(quiet, dumps(to_json(res, filename, top.driver_name)))
     else:
         for line in human(res):
             qprint(quiet, line)

@@ -30,7 +30,6 @@ from .constants import (
     EXT_DATA_FILE,
     EXT_FEATURE_TABLE,
     INCOMPAT_COMPRESSION,
-    INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
@@ -288,8 +287,6 @@ class AmendMixin:
     # Reopen (read-only <-> read-write, as commit does to its base); the file child is reopened by the core.
     async def reopen_prepare(self, options: Any, read_only: bool) -> None:
         img = self.img  # type: ignore[attr-defined]
-        if not read_only and img.h.incompatible_features & INCOMPAT_CORRUPT:
-            raise OpenError("qcow2: Image is corrupt; cannot be opened read/write")
         if read_only and not getattr(self, "read_only", True):
             await img.flush_metadata()
             if img.dirty_set:
