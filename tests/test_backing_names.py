@@ -29,3 +29,31 @@ def test_relative_names_follow_the_image(registry: PluginHost, image: str, backi
 def test_relative_name_under_a_json_image_is_refused(registry: PluginHost) -> None:
     with pytest.raises(OpenError, match="Cannot use relative backing file names for 'json:"):
         full_backing_filename('json:{"file": {"filename": "/x"}}', "base.img", registry)
+
+
+@pytest.mark.parametrize("spelling", [None, ""])
+def test_backing_null_or_empty_opens_no_backing_file(tmp_path, spelling) -> None:
+    """``backing=null`` (JSON) and ``backing=`` (keyval) both mean: ignore the backing file the image names."""
+    import asyncio
+    import subprocess
+
+    pytest.importorskip("blockgraph_qcow2")
+    from blockgraph.session import Session
+
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(top)],
+                   check=True)
+
+    async def open_top() -> tuple[bool, bool]:
+        session = Session()
+        try:
+            plain = await session.open_node({"driver": "qcow2", "file": {"driver": "file", "filename": str(top)}})
+            cut = await session.open_node({"driver": "qcow2", "backing": spelling, "read-only": True,
+                                           "force-share": True,
+                                           "file": {"driver": "file", "filename": str(top)}})
+            return plain.backing is not None, cut.backing is not None
+        finally:
+            await session.close()
+
+    assert asyncio.run(open_top()) == (True, False)

@@ -464,7 +464,8 @@ class NodeContext:
 
     def backing_disabled(self) -> bool:
         """True when the user gave ``backing=null``: open no backing file whatever the image says."""
-        return "backing" in self._specs and self._specs["backing"] is None
+        # An empty string is the keyval spelling of null (``backing=``), which QEMU still accepts.
+        return "backing" in self._specs and self._specs["backing"] in (None, "")
 
     async def open_backing(self, filename: str | None, fmt: str | None = None) -> Child | None:
         """Attach the COW child: the ``backing`` option when given, else ``filename`` from the image header.
@@ -473,7 +474,7 @@ class NodeContext:
         the working directory; ``fmt=None`` probes. Returns None with ``backing=null`` or no backing file.
         """
         if "backing" in self._specs:
-            if self._specs["backing"] is None:
+            if self.backing_disabled():
                 del self._specs["backing"]
                 return None
             return await self.open_child("backing", ChildRole.COW)
