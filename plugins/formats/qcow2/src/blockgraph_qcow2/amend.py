@@ -163,7 +163,8 @@ async def expand_zero_clusters(drv: Any) -> None:
 
 async def change_refcount_bits(drv: Any, bits: int) -> None:
     """Recount every cluster, write a refcount structure ``bits`` wide, switch to it, free the old one."""
-    from .check import Checker, rebuild_refcounts
+    from .check import Checker
+    from .check_rebuild import rebuild_refcounts
 
     img = drv.img
     await img.flush_metadata()
