@@ -195,3 +195,52 @@ def test_convert_compressed(tmp_path: Path, ctype: str) -> None:
     assert out.stat().st_size < raw.stat().st_size
     assert bg("img", "convert", "-c", "-O", "raw", "-f", "raw", str(raw), str(tmp_path / "x.raw")) == (
         1, "", "qemu-img: Compression not supported for this file format\n")
+
+
+QEMU_SYSTEM = __import__("shutil").which("qemu-system-x86_64")
+
+
+def _monitor(path: Path, *commands: str) -> str:
+    import subprocess
+
+    script = "".join(f"{c}\n" for c in (*commands, "quit"))
+    r = subprocess.run([QEMU_SYSTEM, "-machine", "none", "-nodefaults", "-nographic", "-drive",
+                        f"file={path},if=none,id=d0", "-monitor", "stdio"], input=script, capture_output=True,
+                       text=True, timeout=60)
+    return r.stdout + r.stderr
+
+
+@pytest.mark.skipif(QEMU_SYSTEM is None, reason="qemu-system-x86_64 not installed")
+def test_savevm_state_moves_between_the_tools(tmp_path: Path) -> None:
+    """QEMU's savevm state is read back by blockgraph, stored in a snapshot blockgraph makes, and QEMU's loadvm
+    accepts that snapshot."""
+    import asyncio
+
+    from blockgraph.driver import SnapshotInfo
+    from blockgraph.session import Session
+
+    p = tmp_path / "vm.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(p), "64M")
+    assert "Error" not in _monitor(p, "savevm s1")
+    assert " s1 " in bg("img", "snapshot", "-l", str(p))[1]
+
+    async def copy_state() -> bytes:
+        s = Session()
+        try:
+            node = await s.open_image(str(p), fmt="qcow2")
+            drv = node.driver
+            size = next(sn.vm_state_size for sn in await drv.snapshot_list() if sn.name == "s1")
+            await drv.snapshot_goto("s1")
+            state = bytearray(size)
+            await drv.load_vmstate(0, memoryview(state))
+            await drv.save_vmstate(0, memoryview(state))
+            await drv.snapshot_create(SnapshotInfo(name="copy", vm_state_size=size))
+            return bytes(state)
+        finally:
+            await s.close()
+
+    assert asyncio.run(copy_state()).startswith(b"QEVM")
+    clean(p)
+    out = _monitor(p, "loadvm copy", "info status")
+    assert "Error" not in out and "VM status: running" in out
+    assert "Error: Snapshot 'nope' does not exist" in _monitor(p, "loadvm nope")
