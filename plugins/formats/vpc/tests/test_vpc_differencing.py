@@ -165,3 +165,11 @@ def test_dynamic_disk_honours_its_sector_bitmap(tmp_path: Path) -> None:
         2 * MiB - 8192)
     rows = json.loads(bg("img", "map", "--output=json", str(img)).stdout)
     assert [(r["start"], r["data"]) for r in rows][:3] == [(0, True), (4096, False), (8192, True)]
+
+
+@pytest.mark.parametrize("out_fmt", ["raw", "vdi", "vpc"])
+def test_convert_flattens_the_chain(family: tuple[Path, Path, bytes], tmp_path: Path, out_fmt: str) -> None:
+    _, child, want = family
+    out = tmp_path / f"flat.{out_fmt}"
+    bg("img", "convert", "-O", out_fmt, *(["-o", "force_size=on"] if out_fmt == "vpc" else []), str(child), str(out))
+    assert read_all(out, fmt=out_fmt) == want
