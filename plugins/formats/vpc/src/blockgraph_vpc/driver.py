@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import attrs
 from blockgraph.driver import BlockStatus, DriverKind, ReqFlags, Status
 from blockgraph.errors import BlockGraphError, BlockIOError, ImageCorrupt, NotSupported, OpenError
-from blockgraph.options import one_of, opt, optional, parse_bool, parse_size
+from blockgraph.options import one_of, opt, parse_bool, parse_size
 from blockgraph.perms import ChildRole
 
 from . import format as fmt
@@ -27,10 +27,17 @@ TRUNCATED = "block-vpc: free_data_block_offset points after the end of file. The
 BITMAP_CACHE = 64  # block bitmaps kept in memory (512 bytes each for 2 MiB blocks)
 
 
+def _size_calc(value: Any) -> str | None:
+    if value is None:
+        return None
+    if value not in ("chs", "current_size"):
+        raise ValueError(f"Invalid size calculation mode: '{value}'")  # QEMU's text
+    return str(value)
+
+
 @attrs.frozen(kw_only=True)
 class VpcOptions:
-    force_size_calc: str | None = opt(None, key="force_size_calc",
-                                      converter=optional(one_of("chs", "current_size")),
+    force_size_calc: str | None = opt(None, key="force_size_calc", converter=_size_calc,
                                       help="Force disk size calculation to use either CHS geometry, or use the "
                                            "disk current_size specified in the VHD footer. {chs, current_size}")
 
