@@ -7,7 +7,8 @@
   (sequential 4 KiB reads at depth 16, the closest it has).
 
 Servers run on unix sockets with ``-t``; the image is page-cached before every run. Whole commands are
-timed (hyperfine when installed), so nbdcopy's own start-up is in both figures. Targets (issue 6):
+timed, so nbdcopy's own start-up is in both figures, and runs alternate between the two servers so that
+the load of a shared machine falls on both alike (hyperfine would run one command's runs together). Targets (issue 6):
 read and write at least 50% of qemu-nbd's throughput, random reads at least 25% of its rate.
 
     .venv/bin/python benchmarks/bench_nbd_server.py [--size-mib 256] [--runs 7] [--fio-seconds 5]
@@ -26,7 +27,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from _common import blockgraph_cmd, machine, need, scratch_dir, summary, time_commands
+from _common import blockgraph_cmd, machine, need, scratch_dir, summary
 
 
 def build_image(path: Path, size: int) -> None:
@@ -67,6 +68,23 @@ def start_pair(bg: list[str], work: Path, tag: str, image: Path, target: Path | 
     return servers
 
 
+def alternate(commands: dict[str, list[str]], prepare: str, runs: int) -> dict[str, list[float]]:
+    """Wall times, one run of each command in turn, ``prepare`` before each; a first round warms up."""
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(runs + 1):
+        for name, cmd in commands.items():
+            subprocess.run(prepare, shell=True, check=True)
+            t = time.perf_counter()
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            times[name].append(time.perf_counter() - t)
+    return {name: ts[1:] for name, ts in times.items()}
+
+
+def ratios(times: dict[str, list[float]]) -> str:
+    q, b = times["qemu-nbd"], times["blockgraph"]
+    return f"{statistics.median(q) / statistics.median(b):.2f} (medians), {min(q) / min(b):.2f} (best runs)"
+
+
 def mib_s(size: int, ts: list[float]) -> float:
     return size / (1 << 20) / statistics.median(ts)
 
@@ -105,12 +123,11 @@ def main() -> None:
 
     servers = start_pair(bg, work, "ro", image, None, ["-r"])
     try:
-        reads = time_commands({n: ["nbdcopy", s.uri, "null:"] for n, s in servers.items()}, warm, args.runs)
+        reads = alternate({n: ["nbdcopy", s.uri, "null:"] for n, s in servers.items()}, warm, args.runs)
         print("sequential read, nbdcopy URI null:")
         for name, ts in reads.items():
             print(f"  {name:<11} {summary(ts)}  = {mib_s(size, ts):.0f} MiB/s")
-        print(f"  ratio (blockgraph / qemu-nbd throughput): "
-              f"{mib_s(size, reads['blockgraph']) / mib_s(size, reads['qemu-nbd']):.2f}\n")
+        print(f"  ratio (blockgraph / qemu-nbd throughput): {ratios(reads)}\n")
 
         iops: dict[str, list[float]] = {n: [] for n in servers}
         use_fio = shutil.which("fio") is not None
@@ -135,13 +152,12 @@ def main() -> None:
             f.truncate(size)
     servers = start_pair(bg, work, "rw", image, target, [])
     try:
-        writes = time_commands({n: ["nbdcopy", str(image), s.uri] for n, s in servers.items()}, warm + "; sync",
+        writes = alternate({n: ["nbdcopy", str(image), s.uri] for n, s in servers.items()}, warm + "; sync",
                                args.runs)
         print("sequential write, nbdcopy image.raw URI (into the page cache, flushed at the end by nbdcopy):")
         for name, ts in writes.items():
             print(f"  {name:<11} {summary(ts)}  = {mib_s(size, ts):.0f} MiB/s")
-        print(f"  ratio (blockgraph / qemu-nbd throughput): "
-              f"{mib_s(size, writes['blockgraph']) / mib_s(size, writes['qemu-nbd']):.2f}")
+        print(f"  ratio (blockgraph / qemu-nbd throughput): {ratios(writes)}")
     finally:
         for s in servers.values():
             s.stop()

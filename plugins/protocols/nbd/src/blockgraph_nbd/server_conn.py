@@ -2,8 +2,9 @@
 
 One reader loop takes requests off the socket; each becomes a task, at most
 ``MAX_REQUESTS`` (and about ``MAX_IN_FLIGHT_BYTES`` of buffers) per connection,
-after which the reader stops reading and TCP pushes back on the client. Replies
-are written under one lock, data straight from the read buffer. A request the
+after which the reader stops reading and TCP pushes back on the client. Each
+reply is queued whole on the channel (so replies never interleave), data as a
+memoryview of the read buffer; the channel's queue is the write lock. A request the
 server cannot parse drops this client only; requests already running finish
 (so the image never sees half a request) and their replies go nowhere.
 """

@@ -1,10 +1,12 @@
 """A connected socket for the server: buffered reads, gathered writes, no payload copies.
 
 Headers come out of one receive buffer; a WRITE payload larger than what is
-already buffered is received straight into its own buffer. Replies go out with
-``sendmsg`` over the caller's buffers (headers and memoryviews of the data), and
-only a partial send waits for the socket, still on the same memoryviews. A peer
-that stops reading for ``stall_timeout`` seconds is treated as gone.
+already buffered is received straight into its own buffer. The handshake sends
+directly; in the transmission phase replies are queued (:meth:`Channel.queue`) and
+everything queued in one loop iteration leaves in one ``sendmsg`` over the
+callers' buffers (headers and memoryviews of the data); what the socket does not
+take waits, still as memoryviews, for it to become writable. A peer that stops
+reading for ``stall_timeout`` seconds is treated as gone.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ IOV_CHUNK = 512  # buffers per sendmsg, well under IOV_MAX
 HIGH_WATER = 8 * 1024 * 1024  # queued reply bytes above which repliers wait
 LOW_WATER = 2 * 1024 * 1024
 UNIX_SNDBUF = 4 * 1024 * 1024
-SEND_NOW = 1024 * 1024  # queued bytes that go out at once instead of at the end of the loop iteration
+SEND_NOW = 256 * 1024  # queued bytes that go out at once instead of at the end of the loop iteration
 
 
 class PeerGone(Exception):
