@@ -235,3 +235,40 @@ def test_damaged_refcount_table(tmp_path: Path, entry: int, repair: list[str]) -
     assert after == qemu_img("check", str(theirs), check=False).returncode
     if repair == ["-r", "all"]:
         assert after == 0
+
+
+@pytest.mark.parametrize("opts", ["compat=0.10", "compression_type=zstd"])
+@pytest.mark.parametrize("seed", range(6))
+def test_random_l1_l2_damage(tmp_path: Path, opts: str, seed: int) -> None:
+    """COPIED flags flipped, offsets moved (unaligned, past the end), reserved bits set in L1/L2 entries."""
+    import random
+
+    base = tmp_path / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", opts, str(base), "8M")
+    qemu_io(base, "write -P 1 0 300k", "write -P 3 3M 5k", "write -c -P 4 6M 64k")
+    if "zstd" in opts:
+        qemu_img("snapshot", "-c", "s", str(base))
+        qemu_io(base, "write -P 5 0 64k")
+    data = bytearray(base.read_bytes())
+    rng = random.Random(seed)
+    l1 = struct.unpack_from(">Q", data, 40)[0]
+    l2 = struct.unpack_from(">Q", data, l1)[0] & 0x00FFFFFFFFFFFE00
+    for _ in range(rng.randint(1, 2)):
+        kind = rng.choice(["copied", "l1copied", "offset", "reserved"])
+        pos = l1 if kind == "l1copied" else l2 + 8 * rng.randrange(100)
+        entry = struct.unpack_from(">Q", data, pos)[0]
+        if kind in ("copied", "l1copied"):
+            entry ^= 1 << 63
+        elif kind == "offset" and not entry & (1 << 62):
+            entry = (entry & ~0x00FFFFFFFFFFFE00) | (rng.randrange(0, 2 * len(data)) & ~0x1FF)
+        else:
+            entry |= 2
+        struct.pack_into(">Q", data, pos, entry)
+    theirs, mine = tmp_path / "theirs.qcow2", tmp_path / "mine.qcow2"
+    theirs.write_bytes(data)
+    mine.write_bytes(data)
+    same_as_qemu(str(mine))
+    real = qemu_img("check", "-r", "all", str(theirs), check=False)
+    assert bg("check", "-r", "all", str(mine))[0] == real.returncode
+    assert qemu_img("check", str(mine), check=False).returncode == qemu_img("check", str(theirs),
+                                                                             check=False).returncode
