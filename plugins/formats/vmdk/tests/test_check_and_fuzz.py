@@ -12,7 +12,7 @@ from blockgraph.errors import BlockGraphError, NotSupported
 from blockgraph.session import Session
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vmdk_helpers import QEMU_IMG, bg_create, needs_qemu, open_blk, run
+from vmdk_helpers import BLOCKGRAPH, QEMU_IMG, bg_create, needs_qemu, open_blk, run
 
 SIZE = 1 << 20
 
@@ -81,6 +81,13 @@ def test_check_messages_are_qemus(tmp_path: Path) -> None:
     with pytest.raises(BlockGraphError) as exc:
         asyncio.run(_check(path))
     assert res.stderr.splitlines()[0] == exc.value.result.messages[0]
+    ours = run(BLOCKGRAPH, "img", "check", path, check=False)
+    assert (ours.returncode, ours.stdout, ours.stderr) == (res.returncode, res.stdout, res.stderr)
+    clean = _image(tmp_path, "clean.vmdk")
+    for argv in (["check", clean], ["check", "--output=json", clean], ["check", "-r", "all", clean]):
+        theirs = run(QEMU_IMG, *argv, check=False)
+        ours = run(BLOCKGRAPH, "img", *argv, check=False)
+        assert (ours.returncode, ours.stdout, ours.stderr) == (theirs.returncode, theirs.stdout, theirs.stderr)
 
 
 # ------------------------------------------------------------ mutations

@@ -39,6 +39,7 @@ class VmdkCheckFailed(BlockIOError):
     def __init__(self, result: CheckResult, node: str) -> None:
         super().__init__(errno.EINVAL, node=node, op="check", detail=result.messages[-1])
         self.result = result
+        self.check_messages = result.messages  # img check prints them before "Check failed"
 
 
 class VmdkDriver:
