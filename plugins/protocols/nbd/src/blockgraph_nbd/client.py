@@ -61,7 +61,7 @@ class NbdOptions:
 def parse_nbd_filename(filename: str) -> dict[str, Any]:
     """Options from ``nbd://host[:port]/export``, ``nbd+unix:///export?socket=PATH``,
     or the legacy ``nbd:host:port[:exportname=X]`` / ``nbd:unix:PATH[:exportname=X]``."""
-    bad = OptionError("No valid URL specified", driver="nbd", option="filename")
+    bad = OptionError("No valid URL specified")
     scheme = filename.split(":", 1)[0]
     if "://" in filename:
         if scheme not in URL_SCHEMES:
@@ -88,6 +88,8 @@ def parse_nbd_filename(filename: str) -> dict[str, Any]:
     if scheme != "nbd":
         raise bad
     rest = filename[4:]
+    if not rest:
+        raise OptionError("NBD server address missing")
     export = None
     if ":exportname=" in rest:
         rest, export = rest.split(":exportname=", 1)
@@ -112,13 +114,13 @@ def parse_nbd_filename(filename: str) -> dict[str, Any]:
 
 def address_of(o: NbdOptions) -> Address:
     if o.server_type is None:
-        raise OptionError("Parameter 'server.type' is missing", driver="nbd", option="server.type")
+        raise OptionError("NBD server address missing")
     if o.server_type == "unix":
         if not o.server_path:
-            raise OptionError("Parameter 'server.path' is missing", driver="nbd", option="server.path")
+            raise OptionError("Parameter 'path' is missing")
         return Address("unix", path=o.server_path)
     if not o.server_host:
-        raise OptionError("Parameter 'server.host' is missing", driver="nbd", option="server.host")
+        raise OptionError("Parameter 'host' is missing")
     try:
         port = int(o.server_port or p.DEFAULT_PORT)
     except ValueError:
@@ -168,7 +170,7 @@ class NbdDriver:
         info = conn.info
         if info.flags & TransmissionFlag.READ_ONLY and not node.read_only:
             conn.fail(ConnectionLost("closed"))
-            raise OpenError("NBD export is read-only")
+            raise OpenError("Could not open image: Permission denied")  # qemu-io's text for a read-only export
         if options.x_dirty_bitmap and self.context not in info.contexts:
             conn.fail(ConnectionLost("closed"))
             raise OpenError(f"requested x-dirty-bitmap {self.context} not found")
