@@ -301,3 +301,20 @@ def test_open_timeout_waits_for_a_late_server(tmp_path: Path) -> None:
         for proc in procs:
             proc.kill()
             proc.wait()
+
+
+def test_silent_server_does_not_hang_the_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from blockgraph_nbd import client
+
+    monkeypatch.setattr(client, "HANDSHAKE_TIMEOUT", 0.2)
+
+    async def go() -> None:
+        sock = str(tmp_path / "silent.sock")
+        server = await asyncio.start_unix_server(lambda r, w: asyncio.sleep(60), sock)
+        try:
+            with pytest.raises(OpenError, match="did not complete the handshake"):
+                await Session().open_node({"driver": "nbd", "server": {"type": "unix", "path": sock}})
+        finally:
+            server.close()
+
+    run(go())

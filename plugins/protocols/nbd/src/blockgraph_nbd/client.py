@@ -22,6 +22,7 @@ from .protocol import Cmd, CmdFlag, ProtocolError, TransmissionFlag
 URL_SCHEMES = {"nbd": "inet", "nbd+tcp": "inet", "nbd+unix": "unix"}
 INT_MAX = (1 << 31) - 1
 MAX_STATUS_REQUEST = 0xFFFFFFFF
+HANDSHAKE_TIMEOUT = 30.0  # a server that accepts but never negotiates must not hang the open
 
 
 def _port(value: Any) -> str:
@@ -194,7 +195,10 @@ class NbdDriver:
     async def _connect(self) -> Connection:
         sock = await connect(self.addr)
         try:
-            info = await handshake(sock, self.export, self.queries)
+            info = await asyncio.wait_for(handshake(sock, self.export, self.queries), HANDSHAKE_TIMEOUT)
+        except TimeoutError:
+            sock.close()
+            raise ProtocolError(f"server did not complete the handshake within {HANDSHAKE_TIMEOUT:g} s") from None
         except BaseException:
             sock.close()
             raise

@@ -88,7 +88,7 @@ class Connection:
         self.pending[self.cookie] = req
         self._queue(memoryview(p.encode_request(cmd, self.cookie, offset, length, flags)))
         if payload is not None:
-            self._queue(payload)
+            self._queue(payload if payload.format == "B" else payload.cast("B"))  # byte counts in _flush
         return await req.fut
 
     def _queue(self, data: memoryview) -> None:
