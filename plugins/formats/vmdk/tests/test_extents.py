@@ -8,9 +8,9 @@ import struct
 from pathlib import Path
 
 import pytest
-from blockgraph.errors import BlockIOError
+from blockgraph.errors import BlockIOError, OpenError
 from blockgraph.session import Session
-from vmdk_helpers import bg_read_all, open_blk
+from vmdk_helpers import QEMU_IMG, bg_read_all, open_blk, qemu_raw
 
 KIB = 1024
 
@@ -109,3 +109,35 @@ def test_cid_rewrite_keeps_other_bytes(tmp_path: Path) -> None:
     new = path.read_bytes()
     assert new.replace(new.split(b"CID=")[1].split(b"\n")[0], b"abc", 1) == raw
     assert b"CID=abc\n" not in new
+
+
+def sesparse_extent(path: Path, grains: dict[int, bytes], zero: tuple[int, ...] = (), sectors: int = 2048) -> None:
+    """An ESXi seSparse delta: const header, volatile header, one directory sector, one 4096-entry table, grains."""
+    vol_at, gd_at, gts_at = 1, 2, 3
+    grains_at = gts_at + 64
+    const = struct.pack("<26Q", 0xCAFEBABE, 0x0000000200000001, sectors, 8, 64, 0, 0, 0, 0, 0, vol_at, 1,
+                        0, 0, 0, 0, gd_at, 1, gts_at, 64, 0, 0, 0, 0, grains_at, 0).ljust(512, b"\0")
+    volatile = struct.pack("<4Q", 0xCAFECAFE, 0, 0, 0).ljust(512, b"\0")
+    gd = struct.pack("<Q", 0x1000000000000000).ljust(512, b"\0")
+    gt = [0] * 4096
+    body = bytearray()
+    for cluster, (index, data) in enumerate(sorted(grains.items())):
+        gt[index] = 0x3000000000000000 | ((cluster & 0xFFF) << 48) | (cluster >> 12)
+        body += data.ljust(4096, b"\0")
+    for index in zero:
+        gt[index] = 0x2000000000000000
+    path.write_bytes(const + volatile + gd + struct.pack("<4096Q", *gt) + body)
+
+
+def test_sesparse_extent_reads_as_qemu(tmp_path: Path) -> None:
+    sesparse_extent(tmp_path / "delta-sesparse.vmdk", {0: b"\x11" * 4096, 9: b"\x22" * 4096}, zero=(3,))
+    path = tmp_path / "d.vmdk"
+    path.write_text(descriptor(['RW 2048 SESPARSE "delta-sesparse.vmdk"'], create_type="seSparse"))
+    expected = bytearray(2048 * 512)
+    expected[:4096] = b"\x11" * 4096
+    expected[9 * 4096:10 * 4096] = b"\x22" * 4096
+    assert bg_read_all(path) == bytes(expected)
+    if QEMU_IMG:
+        assert qemu_raw(path, tmp_path / "ref.raw") == bytes(expected)
+    with pytest.raises(OpenError, match="No write support for seSparse images available"):
+        asyncio.run(_io(path, "write", 0, b"x" * 512))

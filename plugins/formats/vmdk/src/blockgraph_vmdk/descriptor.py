@@ -13,7 +13,7 @@ DESCRIPTOR_TYPES = ("monolithicFlat", "vmfs", "vmfsSparse", "seSparse", "twoGbMa
 ACCESS = ("RW", "RDONLY", "NOACCESS")
 FLAT_TYPES = ("FLAT", "VMFS")
 SPARSE_TYPES = ("SPARSE", "VMFSSPARSE")
-KNOWN_TYPES = FLAT_TYPES + SPARSE_TYPES + ("ZERO",)
+KNOWN_TYPES = FLAT_TYPES + SPARSE_TYPES + ("SESPARSE", "ZERO")
 
 _EXTENT = re.compile(r'^\s*(\S+)\s+(-?\d+)\s+(\S+)(?:\s+"([^"\r\n]*)")?(?:\s+(-?\d+))?\s*$')
 _KEYVAL = re.compile(r'^\s*([A-Za-z][A-Za-z0-9_.]*)\s*=\s*(?:"([^"]*)"|(\S*))\s*$')

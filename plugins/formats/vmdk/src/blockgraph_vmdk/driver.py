@@ -21,6 +21,7 @@ from .format import probe as probe_header
 from .open_sparse import open_sparse
 from .paths import ALLOW_OPTION, child_spec, extent_path
 from .rwlock import RWLock
+from .sesparse import SeSparseExtent, is_sesparse, open_se_sparse
 from .sparse import SparseExtent
 
 DESC_REGION = 20 * SECTOR  # what QEMU reads and rewrites of an embedded descriptor
@@ -165,6 +166,10 @@ class VmdkDriver:
         head = bytearray(min(flen, SECTOR))
         if flen:
             await child.preadv(0, memoryview(head))
+        if line.type == "SESPARSE":
+            if not is_sesparse(head):
+                raise OpenError(f"VMDK extent '{path}' is not a seSparse extent")
+            return await open_se_sparse(child, bytes(head), writable=not read_only, **common)
         if flen < 4 or head[:4] not in (MAGIC_KDMV, MAGIC_COWD):
             raise OpenError(f"VMDK extent '{path}' is not a sparse extent: Image not in VMDK format")
         ext = await open_sparse(child, bytes(head), writable=not read_only, **common)
@@ -201,6 +206,8 @@ class VmdkDriver:
                     await ext.close()  # the last grain and the stream footer, while writes are still allowed
             return
         for ext in sparse:
+            if isinstance(ext, SeSparseExtent):
+                raise OpenError("No write support for seSparse images available")
             if ext.hdr.version == 3 and not ext.compressed and not ext.hdr.cowd:
                 raise OpenError("VMDK version 3 must be read only")
             if ext.compressed:

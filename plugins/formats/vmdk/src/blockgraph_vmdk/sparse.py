@@ -55,6 +55,7 @@ def _le32_bytes(table: array) -> bytes:
 
 class SparseExtent(CompressedGrains, Extent):
     kind = SPARSE
+    entry_size = 4
 
     def __init__(self, *, header: SparseHeader, gd_offset: int, **kw: Any) -> None:
         super().__init__(**kw)
@@ -94,13 +95,17 @@ class SparseExtent(CompressedGrains, Extent):
             self.next_sector = (sectors + g - 1) // g * g
 
     async def _read_dir(self, sector: int, n: int, flen: int, what: str) -> array:
-        off, size = sector * SECTOR, n * 4
+        off, size = sector * SECTOR, n * self.entry_size
         if off + size > flen:
             raise self._open_error(f"Could not read {what} from extent '{self.filename}': {n} entries at "
                                    f"offset {off} lie beyond the end of the file ({flen} bytes)")
         buf = bytearray(size)
         await self.child.preadv(off, memoryview(buf))
-        return _le32(buf)
+        return self._entries(buf)
+
+    def _entries(self, raw: bytearray) -> array:
+        """Directory or table entries (32-bit sector numbers here)."""
+        return _le32(raw)
 
     async def before_footer(self, sectors: int) -> int:
         """Where the next compressed grain goes: over a footer + end-of-stream we wrote before, else at the end."""
@@ -133,25 +138,33 @@ class SparseExtent(CompressedGrains, Extent):
         """(sector, table) of grain table ``gd_i``, or None when the directory has no table there."""
         if gd_i >= len(self.gd):
             raise self.io_error(errno.EIO, op, voff, 0, f"grain directory of '{self.filename}' has no entry {gd_i}")
-        sector = self.gd[gd_i]
+        sector = self._gt_sector(gd_i, self.gd[gd_i], op, voff)
         if not sector:
             return None
         table = self.gt_cache.get(sector)
         if table is not None:
             self.gt_cache.move_to_end(sector)
             return sector, table
-        size = self.gtes * 4
+        size = self.gtes * self.entry_size
         off = sector * SECTOR
         if off + size > self.child.getlength():
             raise self.io_error(errno.EIO, op, voff, 0, f"grain table {gd_i} of '{self.filename}' at offset {off} "
                                                         f"lies beyond the end of the file")
         buf = bytearray(size)
         await self.child.preadv(off, memoryview(buf))
-        table = _le32(buf)
+        table = self._entries(buf)
         self.gt_cache[sector] = table
         if len(self.gt_cache) > GT_CACHE:
             self.gt_cache.popitem(last=False)
         return sector, table
+
+    def _gt_sector(self, gd_i: int, entry: int, op: str, voff: int) -> int:
+        """Where the grain table of directory entry ``entry`` is (0: none)."""
+        return entry
+
+    def _decode(self, gte: int) -> tuple[str, int]:
+        """(state, host offset) of a grain table entry."""
+        return self._state(gte), gte * SECTOR
 
     def _state(self, gte: int) -> str:
         if not gte:
@@ -168,8 +181,7 @@ class SparseExtent(CompressedGrains, Extent):
         found = await self._gt(gd_i, op, self.start + rel)
         if found is None:
             return UNALLOC, 0
-        gte = found[1][gt_i]
-        return self._state(gte), gte * SECTOR
+        return self._decode(found[1][gt_i])
 
     async def status(self, rel: int, length: int) -> tuple[str, int | None, int]:
         """(state, host offset or None, bytes) of the run of like grains at ``rel``, within one grain table."""
@@ -182,15 +194,14 @@ class SparseExtent(CompressedGrains, Extent):
         if found is None:
             return UNALLOC, None, min(length, (gd_i + 1) * self.gt_span - rel)
         table = found[1]
-        state = self._state(table[gt_i])
-        host = table[gt_i] * SECTOR
+        state, host = self._decode(table[gt_i])
         expect = host + self.grain
         i = gt_i + 1
         while n < length and i < self.gtes:
             if self.pending is not None and self.pending[0] == (rel + n) // self.grain:
                 break
-            s = self._state(table[i])
-            if s != state or (state == DATA and table[i] * SECTOR != expect):
+            s, h = self._decode(table[i])
+            if s != state or (state == DATA and h != expect):
                 break
             n = min(length, n + self.grain)
             expect += self.grain
@@ -410,8 +421,8 @@ class SparseExtent(CompressedGrains, Extent):
                 pos = first + gt_i * self.grain
                 if pos >= self.length:
                     break
-                gte = table[gt_i]
-                if self._state(gte) in (DATA, COMPRESSED) and gte * SECTOR >= flen:
+                state, host = self._decode(table[gt_i])
+                if state in (DATA, COMPRESSED) and host >= flen:
                     messages.append(f"ERROR: cluster offset for sector {(self.start + pos) // SECTOR} "
                                     f"points after EOF")
                     return False
