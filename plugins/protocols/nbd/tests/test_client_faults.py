@@ -318,3 +318,25 @@ def test_silent_server_does_not_hang_the_open(tmp_path: Path, monkeypatch: pytes
             server.close()
 
     run(go())
+
+
+def test_replies_in_reverse_order_match_their_requests(tmp_path: Path) -> None:
+    """The server holds 8 reads and answers them last to first, each as a data chunk then a hole chunk."""
+    held: list[p.Request] = []
+
+    async def behaviour(req: p.Request, writer: asyncio.StreamWriter) -> None:
+        held.append(req)
+        if len(held) < 8:
+            return
+        for r in reversed(held):
+            fill = bytes([r.offset // 4096 + 1]) * (r.length // 2)
+            writer.write(chunk(r, p.ReplyType.OFFSET_DATA, struct.pack(">Q", r.offset + r.length // 2) + fill, flags=0)
+                         + chunk(r, p.ReplyType.OFFSET_HOLE, struct.pack(">QI", r.offset, r.length // 2)))
+
+    async def body(node: object) -> None:
+        bufs = [bytearray(b"\xff" * 4096) for _ in range(8)]
+        await asyncio.gather(*(io.preadv(node, i * 4096, memoryview(bufs[i])) for i in range(8)))
+        for i, b in enumerate(bufs):
+            assert b == bytes(2048) + bytes([i + 1]) * 2048
+
+    run(with_fake(tmp_path, behaviour, body))
