@@ -42,6 +42,14 @@ def display_name(given: str, image_opts: bool) -> str:
     return plain if plain is not None else "json:" + dumps(tree, pretty=False)
 
 
+def exact_filename(node: Node) -> str | None:
+    """A protocol's own canonical name when the image is just a format over it (QEMU's bdrv_refresh_filename
+    rebuilds ``nbd://host:port/export`` from the options); None when the driver has no such name."""
+    cur = node.file.node if node.file is not None and node.kind.value == "format" else node
+    exact = getattr(cur.driver, "exact_filename", None)
+    return exact() if callable(exact) else None
+
+
 def _plain_filename(tree: dict[str, Any]) -> str | None:
     if not set(tree) <= SIMPLE_KEYS:
         return None
@@ -186,7 +194,7 @@ async def _main(session: Session, argv: list[str]) -> int:
     filename = rest[0]
     node = await open_node(session, filename, fmt=fmt, image_opts=image_opts, read_only=True,
                            force_share=force_share)
-    infos = [await image_info(node, display_name(filename, image_opts))]
+    infos = [await image_info(node, exact_filename(node) or display_name(filename, image_opts))]
     seen = {id(node)}
     cur = node.cow_child().node if chain and node.cow_child() is not None else None
     while cur is not None and id(cur) not in seen:

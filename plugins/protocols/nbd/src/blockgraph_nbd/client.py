@@ -237,6 +237,13 @@ class NbdDriver:
     async def getlength(self) -> int:
         return self.info.size
 
+    def exact_filename(self) -> str:
+        """The URL QEMU rebuilds from the options (nbd_refresh_filename), e.g. for the img info 'image:' line."""
+        a = self.addr
+        if a.type == "unix":
+            return f"nbd+unix:///{self.export}?socket={a.path}" if self.export else f"nbd+unix://?socket={a.path}"
+        return f"nbd://{a.host}:{a.port}/{self.export}" if self.export else f"nbd://{a.host}:{a.port}"
+
     def allocated_size(self) -> None:
         """Unknown over NBD (img info: "disk size: unavailable")."""
         return None
