@@ -510,3 +510,17 @@ def test_write_zeroes_no_fallback_like_qemu_io(tmp_path: Path, servers: list[Ser
                      if "ops/sec" not in line and "bytes at offset 0" not in line]
     assert ("write failed: Operation not supported" in ours.stdout) == (mode == "slow")
     assert ("Pattern verification failed" in ours.stdout) == (mode == "slow")
+
+
+@need_qemu
+def test_convert_into_an_nbd_target(tmp_path: Path, servers: list[Server]) -> None:
+    """`img convert -n` writes an existing export (data and zeroes) that qemu-img then finds identical."""
+    src = make_image(tmp_path, "qcow2")
+    target = tmp_path / "target.raw"
+    target.write_bytes(b"\xee" * (4 * MIB))  # stale data the zeroed ranges must overwrite
+    srv = qemu_nbd(tmp_path, target, "raw", tcp=True)
+    servers.append(srv)
+    res = run(*BLOCKGRAPH, "img", "convert", "-n", "-f", "qcow2", "-O", "raw", str(src), srv.url)
+    assert res.returncode == 0, res.stderr
+    res = run(QEMU_IMG, "compare", "-f", "qcow2", "-F", "raw", str(src), srv.url)
+    assert res.returncode == 0, res.stdout + res.stderr
