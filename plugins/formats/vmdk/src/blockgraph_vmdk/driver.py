@@ -183,14 +183,12 @@ class VmdkDriver:
         return want, share
 
     async def close(self) -> None:
-        written = False
+        """Streams get their last grain, footer and end-of-stream marker (core has flushed everything else)."""
         for ext in getattr(self, "extents", []):
             if isinstance(ext, SparseExtent) and ext.compressed and (ext.pending or ext.appended):
                 await ext.close()
-                written = True
+                await ext.child.flush()
         self.extents = []
-        if written:
-            await self.file.flush()
 
     async def getlength(self) -> int:
         return self.length
