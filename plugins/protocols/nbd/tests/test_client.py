@@ -256,6 +256,10 @@ def test_read_only_export_and_unknown_export(tmp_path: Path, servers: list[Serve
             await open_node(srv.url.replace("///", "///other"), read_only=True)
         session, _ = await open_node(url, read_only=True)
         await session.close()
+        session = Session()  # the filename option instead of server/export
+        node = await session.open_node({"driver": "nbd", "filename": url, "read-only": True})
+        assert node.driver.export == "named" and node.length == 4 * MIB
+        await session.close()
         assert await list_exports(Address("unix", path=srv.addr)) == [("named", "the description")]
 
     asyncio.run(go())

@@ -151,8 +151,7 @@ class NbdDriver:
             if options.server_type or options.server_host or options.server_path or options.export is not None:
                 raise OptionError("No valid URL specified: server or export given together with a filename",
                                   driver="nbd", option="filename")
-            options = attrs.evolve(options, filename=None, **{
-                k: v for k, v in _flat_fields(parse_nbd_filename(options.filename)).items()})
+            options = attrs.evolve(options, filename=None, **_flat_fields(parse_nbd_filename(options.filename)))
         if options.tls_creds is not None:
             raise OptionError("TLS is not supported yet by this NBD client", driver="nbd", option="tls-creds")
         self.node, self.options = node, options
