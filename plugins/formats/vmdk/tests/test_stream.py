@@ -175,3 +175,18 @@ def test_live_reopen_read_write_and_back(tmp_path: Path, subformat: str) -> None
     expected = bytearray(4 << 20)
     expected[GRAIN + 10:GRAIN + 1010] = b"\x77" * 1000
     assert bg_read_all(path) == bytes(expected)
+
+
+@needs_qemu
+def test_writing_a_vmware_layout_stream(tmp_path: Path) -> None:
+    """New grains go over the old footer; the new footer keeps pointing at the directory; qemu-img agrees."""
+    path = tmp_path / "vm.vmdk"
+    vmware_stream(path, {1: b"\x22" * GRAIN})
+    asyncio.run(_write(path, [(4 * GRAIN, b"\x44" * GRAIN), (100, b"\x01" * 10)]))
+    expected = bytearray(64 * GRAIN)
+    expected[100:110] = b"\x01" * 10
+    expected[GRAIN:2 * GRAIN] = b"\x22" * GRAIN
+    expected[4 * GRAIN:5 * GRAIN] = b"\x44" * GRAIN
+    assert qemu_raw(path, tmp_path / "ref.raw") == bytes(expected)
+    assert bg_read_all(path) == bytes(expected)
+    assert run(QEMU_IMG, "check", path).returncode == 0
