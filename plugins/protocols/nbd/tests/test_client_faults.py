@@ -28,7 +28,8 @@ GUARD = 20  # seconds; only a hang guard
 Behaviour = Callable[[p.Request, asyncio.StreamWriter], Awaitable[None]]
 
 
-async def fake_server(path: str, behaviour: Behaviour, *, greeting: bytes | None = None) -> asyncio.AbstractServer:
+async def fake_server(path: str, behaviour: Behaviour, *, greeting: bytes | None = None,
+                      no_go: bool = False) -> asyncio.AbstractServer:
     """A fixed-newstyle server with structured replies and base:allocation; ``behaviour`` answers each request."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -43,7 +44,10 @@ async def fake_server(path: str, behaviour: Behaviour, *, greeting: bytes | None
                     if p.CONTEXT_BASE_ALLOCATION in queries:
                         writer.write(p.encode_option_reply(option, p.Rep.META_CONTEXT,
                                                            p.encode_meta_context_reply(7, p.CONTEXT_BASE_ALLOCATION)))
-                elif option == p.Opt.GO:
+                elif option == p.Opt.EXPORT_NAME:  # the old way in: no reply header, no zero padding (NO_ZEROES)
+                    writer.write(p.EXPORT_NAME_REPLY.pack(SIZE, p.TransmissionFlag.HAS_FLAGS))
+                    break
+                elif option == p.Opt.GO and not no_go:
                     flags = p.TransmissionFlag.HAS_FLAGS | p.TransmissionFlag.SEND_FLUSH
                     writer.write(p.encode_option_reply(option, p.Rep.INFO, p.encode_info_export(SIZE, flags)))
                 elif option != p.Opt.STRUCTURED_REPLY:
@@ -340,3 +344,16 @@ def test_replies_in_reverse_order_match_their_requests(tmp_path: Path) -> None:
             assert b == bytes(2048) + bytes([i + 1]) * 2048
 
     run(with_fake(tmp_path, behaviour, body))
+
+
+def test_server_without_go_is_entered_with_export_name(tmp_path: Path) -> None:
+    async def behaviour(req: p.Request, writer: asyncio.StreamWriter) -> None:
+        writer.write(chunk(req, p.ReplyType.OFFSET_DATA, struct.pack(">Q", req.offset) + b"\6" * req.length))
+
+    async def body(node: object) -> None:
+        assert node.length == SIZE and not node.driver.flags & p.TransmissionFlag.SEND_FLUSH
+        buf = bytearray(4096)
+        await io.preadv(node, 0, memoryview(buf))
+        assert buf == b"\6" * 4096
+
+    run(with_fake(tmp_path, behaviour, body, no_go=True))
