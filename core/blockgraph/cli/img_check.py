@@ -107,7 +107,10 @@ async def open_for_check(session: Session, filename: str, fmt: str | None, image
         blk = await open_backend(session, filename, fmt=fmt, image_opts=image_opts, read_only=True,
                                  force_share=force_share, share_all=False, cache=cache)
         return blk.node
-    node = await open_node(session, filename, fmt=fmt, image_opts=image_opts, read_only=True, cache=cache)
+    try:
+        node = await open_node(session, filename, fmt=fmt, image_opts=image_opts, read_only=True, cache=cache)
+    except ImgExit:  # some formats open only read-write when they need fixing (a VHDX log to replay)
+        return await _open_rw(session, filename, fmt, image_opts, cache)
     if node.caps is not None and node.caps.reopen:
         try:
             await session.reopen(node, read_only=False)
@@ -117,6 +120,10 @@ async def open_for_check(session: Session, filename: str, fmt: str | None, image
     from ..node import close_node
 
     await close_node(node)
+    return await _open_rw(session, filename, fmt, image_opts, cache)
+
+
+async def _open_rw(session: Session, filename: str, fmt: str | None, image_opts: bool, cache: str) -> Node:
     blk = await open_backend(session, filename, fmt=fmt, image_opts=image_opts, read_only=False,
                              share_all=False, cache=cache)
     return blk.node

@@ -210,9 +210,17 @@ class SnapshotMixin:
         self.snapshots, self.snapshots_size = await read_table(self.img)
 
     def snapshot_info_list(self) -> list[dict[str, Any]]:
-        from blockgraph.cli.img_snapshot import to_qapi
-
-        return [to_qapi(sn.info()) for sn in getattr(self, "snapshots", [])]
+        """The snapshots as QAPI SnapshotInfo dicts, for ``img info``."""
+        out = []
+        for sn in getattr(self, "snapshots", []):
+            d: dict[str, Any] = {"id": sn.id, "name": sn.name, "vm-state-size": sn.vm_state_size,
+                                 "date-sec": sn.date_sec, "date-nsec": sn.date_nsec,
+                                 "vm-clock-sec": sn.vm_clock_nsec // 1_000_000_000,
+                                 "vm-clock-nsec": sn.vm_clock_nsec % 1_000_000_000}
+            if sn.icount not in (-1, (1 << 64) - 1):
+                d["icount"] = sn.icount
+            out.append(d)
+        return out
 
     async def snapshot_list(self) -> list[SnapshotInfo]:
         return [sn.info() for sn in self.snapshots]
