@@ -71,3 +71,17 @@ def test_refused_from_a_running_loop(bg_tmp_image: Any) -> None:
         assert d.read(0, 512) == bytes(512)
     finally:
         d.close()
+
+
+def test_large_reads_return_fresh_bytes(bg_tmp_image: Any) -> None:
+    # read() of 256 KiB and more fills a new bytes object in place instead of copying a bytearray.
+    data = bytes(range(251)) * 4200  # ~1 MiB, a period that never aligns with the request
+    path: Path = bg_tmp_image(size=2 << 20, data=data)
+    with blockgraph.open(str(path), "raw", read_only=True) as d:
+        first = d.read(1000, 512 * 1024)
+        second = d.read(1000, 512 * 1024)
+        assert type(first) is bytes and first is not second
+        assert first == second == data[1000:1000 + 512 * 1024]
+        assert hash(first) == hash(data[1000:1000 + 512 * 1024])
+        tail = d.read((2 << 20) - (300 << 10), 300 << 10)
+        assert tail == bytes(300 << 10)

@@ -11,6 +11,7 @@ used from inside a running loop (use :class:`blockgraph.Session` there).
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Coroutine, Generator
 from typing import Any, TypeVar
 
@@ -51,6 +52,30 @@ class _Resume:
                     out = it.send(sent)
                 except StopIteration as stop:
                     return stop.value
+
+
+_DIRECT_MIN = 256 * 1024  # below this, copying the result costs less than the ctypes set-up
+_new_bytes: Any = None
+
+
+def _fresh_bytes(n: int) -> tuple[bytes, memoryview] | None:
+    """A new, not yet shared ``bytes`` of ``n`` bytes and a writable view of its contents (CPython only).
+
+    This is the C API's ``PyBytes_FromStringAndSize(NULL, n)`` then fill: ``read`` returns ``bytes``, and
+    reading into a bytearray then copying it costs a second pass over every byte of a large read.
+    """
+    global _new_bytes
+    if n < _DIRECT_MIN or sys.implementation.name != "cpython":
+        return None
+    import ctypes
+
+    if _new_bytes is None:
+        fn = ctypes.pythonapi.PyBytes_FromStringAndSize
+        fn.restype, fn.argtypes = ctypes.py_object, (ctypes.c_void_p, ctypes.c_ssize_t)
+        _new_bytes = fn
+    b = _new_bytes(None, n)
+    data = (ctypes.c_char * n).from_address(id(b) + bytes.__basicsize__ - 1)  # ob_sval
+    return b, memoryview(data).cast("B")
 
 
 async def _finish(coro: Coroutine[Any, Any, T], first: Any) -> T:
@@ -123,6 +148,12 @@ class Image:
         return self._runner.run(_finish(coro, first))
 
     def read(self, offset: int, length: int) -> bytes:
+        fresh = _fresh_bytes(length)
+        if fresh is not None:
+            out, view = fresh
+            with view:
+                self._run(self.blk.preadv(offset, view))
+            return out
         buf = bytearray(length)
         self._run(self.blk.preadv(offset, memoryview(buf)))
         return bytes(buf)
