@@ -173,3 +173,16 @@ def test_convert_flattens_the_chain(family: tuple[Path, Path, bytes], tmp_path: 
     out = tmp_path / f"flat.{out_fmt}"
     bg("img", "convert", "-O", out_fmt, *(["-o", "force_size=on"] if out_fmt == "vpc" else []), str(child), str(out))
     assert read_all(out, fmt=out_fmt) == want
+
+
+def test_locator_space_in_bytes_as_windows_writes_it(family: tuple[Path, Path, bytes]) -> None:
+    """data_space is sectors by the specification but bytes in Windows' images; neither reading may fail."""
+    _, child, want = family
+    data = bytearray(child.read_bytes())
+    for i in range(8):
+        at = 512 + fmt.LOCATOR_AT + 24 * i
+        if data[at:at + 4] != bytes(4):
+            sectors = int.from_bytes(data[at + 4:at + 8], "big")
+            data[at + 4:at + 8] = (sectors * 512).to_bytes(4, "big")
+    child.write_bytes(bytes(data))
+    assert read_all(child) == want

@@ -190,14 +190,18 @@ class VpcDriver:
         free = max(meta_end, self.footer.data_offset + fmt.DYN_HEADER_SIZE)
         for loc in dyn.locators:
             if loc.platform != b"\0\0\0\0" and loc.data_offset < file_len:
-                free = max(free, loc.data_offset + self._locator_space(loc))
+                # Locator data may follow the BAT: never allocate over it (capped at the file's end, since
+                # writers disagree on whether data_space counts sectors or bytes).
+                free = max(free, min(file_len, loc.data_offset + self._locator_space(loc)))
+        metadata = ((0, fmt.FOOTER_SIZE), (self.footer.data_offset, self.footer.data_offset + fmt.DYN_HEADER_SIZE),
+                    (self.bat_offset, self.bat_offset + entries * 4))
         span = self.bitmap_size + bs
         for i, entry in enumerate(bat):
             if entry == UNALLOCATED:
                 continue
             start = entry * SECTOR
-            if start < meta_end and start + span > self.bat_offset:
-                raise ImageCorrupt(f"BAT entry {i} (block at {start}) overlaps the BAT",
+            if any(start < hi and start + span > lo for lo, hi in metadata):
+                raise ImageCorrupt(f"BAT entry {i} (block at {start}) overlaps the footer, header or BAT",
                                    node=self._where(), offset=self.bat_offset + 4 * i)
             free = max(free, start + span)
         if free > file_len:
