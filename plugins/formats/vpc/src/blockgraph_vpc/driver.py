@@ -190,9 +190,9 @@ class VpcDriver:
         free = max(meta_end, self.footer.data_offset + fmt.DYN_HEADER_SIZE)
         for loc in dyn.locators:
             if loc.platform != b"\0\0\0\0" and loc.data_offset < file_len:
-                # Locator data may follow the BAT: never allocate over it (capped at the file's end, since
+                # Locator data may follow the BAT: never allocate over it (capped at the trailing footer, since
                 # writers disagree on whether data_space counts sectors or bytes).
-                free = max(free, min(file_len, loc.data_offset + self._locator_space(loc)))
+                free = max(free, min(file_len - fmt.FOOTER_SIZE, loc.data_offset + self._locator_space(loc)))
         metadata = ((0, fmt.FOOTER_SIZE), (self.footer.data_offset, self.footer.data_offset + fmt.DYN_HEADER_SIZE),
                     (self.bat_offset, self.bat_offset + entries * 4))
         span = self.bitmap_size + bs
