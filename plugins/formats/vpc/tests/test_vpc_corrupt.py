@@ -100,6 +100,33 @@ def test_fixed_footer_mutations(tmp_path: Path, muts: list[tuple[int, int]], fix
     _check_mutant(tmp_path, bytes(data))
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(muts=st.lists(st.tuples(st.integers(512 + 64, 4096), st.integers(0, 255)), min_size=1, max_size=6))
+def test_differencing_locator_mutations(tmp_path: Path, muts: list[tuple[int, int]]) -> None:
+    """Parent name, locator table and locator data of a differencing disk over a real parent."""
+    parent, child = tmp_path / "parent.vhd", tmp_path / "child.vhd"
+    if not parent.exists():
+        create(parent, 2 * MiB, force_size="on")
+        arun(_make_diff(child, parent))
+    data = bytearray(child.read_bytes() if "diff" not in TEMPLATES else TEMPLATES["diff"])
+    TEMPLATES.setdefault("diff", bytes(data))
+    for at, value in muts:
+        if at < len(data) - 512:
+            data[at] = value
+    _fix_checksums(data, False)
+    _check_mutant(tmp_path, bytes(data))
+
+
+async def _make_diff(child: Path, parent: Path) -> None:
+    from blockgraph_vpc.create import create_differencing
+
+    session = Session()
+    try:
+        await create_differencing(session, str(child), str(parent))
+    finally:
+        await session.close()
+
+
 def test_bat_entry_into_the_metadata_is_refused(tmp_path: Path) -> None:
     data = bytearray(_template(tmp_path, "dynamic"))
     data[1536:1540] = struct.pack(">I", 1)  # block 0 at sector 1: over the dynamic header
