@@ -344,3 +344,31 @@ def test_many_requests_in_flight(srv: ServerThread, tmp_path: Path) -> None:
     h.shutdown()
     data = path.read_bytes()
     assert all(data[i * 65536:i * 65536 + 4096] == bytes([255 - i]) * 4096 for i in range(64))
+
+
+def test_a_client_over_the_limit_waits_for_a_free_slot(tmp_path: Path, image: Path) -> None:
+    import threading
+
+    with ServerThread(tmp_path / "one.sock", max_connections=1) as s:
+        s.export(image)
+        first = connect(s.uri())
+        second = nbd.NBD()
+        done = threading.Event()
+        errors: list[BaseException] = []
+
+        def late() -> None:
+            try:
+                second.connect_uri(s.uri())
+            except BaseException as e:  # reported below
+                errors.append(e)
+            done.set()
+
+        t = threading.Thread(target=late, daemon=True)
+        t.start()
+        assert not done.wait(0.5)  # held in the listen backlog, not refused
+        assert first.pread(4, MiB) == b"\xab" * 4
+        first.shutdown()
+        assert done.wait(30) and not errors
+        assert second.pread(4, MiB) == b"\xab" * 4
+        second.shutdown()
+        t.join(10)
