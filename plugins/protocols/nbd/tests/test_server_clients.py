@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,6 +60,27 @@ def qemu_nbd(tmp_path: Path) -> Iterator[callable]:
                 return f"nbd+unix:///?socket={sock}"
             time.sleep(0.02)
         raise AssertionError("qemu-nbd did not start")
+
+    yield start
+    for p in procs:
+        p.terminate()
+        p.wait(10)
+
+
+@pytest.fixture
+def serve_cli(tmp_path: Path) -> Iterator[callable]:
+    """``blockgraph nbd ARGS -k SOCK`` in a subprocess; returns the export's URI once it listens."""
+    procs: list[subprocess.Popen] = []
+
+    def start(*args: str) -> str:
+        sock = tmp_path / f"bg{len(procs)}.sock"
+        procs.append(subprocess.Popen([sys.executable, "-m", "blockgraph.cli.main", "nbd", "-k", str(sock),
+                                       *args]))
+        for _ in range(1500):
+            if sock.exists():
+                return f"nbd+unix:///?socket={sock}"
+            time.sleep(0.02)
+        raise AssertionError("blockgraph nbd did not start")
 
     yield start
     for p in procs:
@@ -200,3 +222,23 @@ def test_tcp_on_loopback_with_nbd_urls(image: Path) -> None:
                   f"nbd:127.0.0.1:{port}:exportname=disk")
         assert "Pattern verification failed" not in out and "wrote 4096/4096" in out
     assert image.read_bytes()[:4096] == b"\x77" * 4096
+
+
+@need("nbdinfo")
+@need("qemu-nbd")
+@need("qemu-img")
+@need("qemu-io")
+def test_allocation_depth_of_a_qcow2_chain_matches_qemu_nbd(tmp_path: Path, serve_cli: callable,
+                                                            qemu_nbd: callable) -> None:
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", str(base), "4M")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 1M", str(base))
+    run("qemu-img", "create", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top))
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 2 512k 1M", "-c", "write -z 3M 512k", str(top))
+    ours = serve_cli("-t", "-r", "-A", "-f", "qcow2", str(top))
+    theirs = qemu_nbd(top, "-r", "-A", "-f", "qcow2")
+    for ctx in ("--map=qemu:allocation-depth", "--map=base:allocation"):
+        assert run("nbdinfo", ctx, ours) == run("nbdinfo", ctx, theirs)
+    assert "2  backing depth 2" in run("nbdinfo", "--map=qemu:allocation-depth", ours)
+    assert json.loads(run("qemu-img", "map", "-f", "raw", "--output=json", ours)) == \
+        json.loads(run("qemu-img", "map", "-f", "raw", "--output=json", theirs))
