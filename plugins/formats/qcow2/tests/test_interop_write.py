@@ -114,6 +114,26 @@ def test_create_matches_qemu_img_layout(tmp_path: Path) -> None:
         assert ours.read_bytes() == theirs.read_bytes(), opts
 
 
+@pytest.mark.parametrize("spec", ["preallocation=off,cluster_size=512 1G", "preallocation=off,cluster_size=512,"
+                                  "refcount_bits=1 4G", "preallocation=metadata,cluster_size=512 16M",
+                                  "preallocation=metadata,cluster_size=4k,refcount_bits=1 16M",
+                                  "preallocation=falloc,cluster_size=512,refcount_bits=64 8M",
+                                  "preallocation=full 3M", "preallocation=metadata,cluster_size=1k,refcount_bits=8 8M"])
+def test_create_layout_with_refcount_growth_matches_qemu_img(spec: str, tmp_path: Path) -> None:
+    """Refcount blocks and table growth land where qemu-img puts them (its allocation order, ported)."""
+    opts, size = spec.split()
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    bg_create(ours, int(qemu_img_size(size)), **dict(kv.split("=") for kv in opts.split(",")))
+    qemu_img("create", "-q", "-f", "qcow2", "-o", opts, str(theirs), size)
+    assert ours.read_bytes() == theirs.read_bytes()
+
+
+def qemu_img_size(text: str) -> int:
+    from blockgraph.options import parse_size
+
+    return parse_size(text)
+
+
 def test_create_with_backing_matches_qemu_img(tmp_path: Path) -> None:
     base = bg_create(tmp_path / "base.qcow2", 1 << 20)
     ours = bg_create(tmp_path / "ours.qcow2", 1 << 20, backing_file="base.qcow2", backing_fmt="qcow2")

@@ -74,6 +74,7 @@ class Image:
         self.l2_cache = MetaCache("l2", file, self.cs, l2_cache_clusters)
         self.rc = Refcounts(file, header, refcount_cache_clusters, node_name)
         self.rc.overlap_check = self.overlaps_metadata
+        self.rc.before_new_block = self.l2_cache.flush
         self.has_data_file = False
         self.lazy = header.lazy_refcounts
         self.dirty_set = header.dirty

@@ -17,7 +17,7 @@ file before anything that points at a cluster it counts (``l2_cache.depends_on =
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from blockgraph.errors import ImageCorrupt
@@ -48,6 +48,7 @@ class Refcounts:
         self.free_byte_offset = 0  # for compressed clusters: the next free byte in a partly used cluster
         self.generation = 0  # bumped whenever the table changes (overlap check cache)
         self.overlap_check: Callable[[int, int], str | None] | None = None  # set by Image
+        self.before_new_block: Callable[[], Awaitable[None]] | None = None  # set by Image: write L2 tables first
         self.node_name = node_name
         self.write_header_fields = write_header_fields  # async callback(h) persisting refcount table fields
 
@@ -113,7 +114,12 @@ class Refcounts:
         return self._read_entry(blk, cluster % self.entries)
 
     async def set(self, cluster: int, value: int) -> None:
-        await self._ensure_block(cluster)
+        """Set one refcount (its block is created first when missing)."""
+        while not self.block_offset(cluster // self.entries):
+            try:
+                await self._alloc_block(cluster)
+            except _Again:
+                pass
         off = self.block_offset(cluster // self.entries)
         blk = await self.cache.get(off)
         self._write_entry(blk, cluster % self.entries, value)
@@ -121,23 +127,45 @@ class Refcounts:
 
     async def update(self, offset: int, length: int, addend: int) -> None:
         """Add ``addend`` to the refcount of every cluster overlapping ``[offset, offset+length)``."""
+        while True:
+            try:
+                await self._update(offset, length, addend)
+                return
+            except _Again:
+                continue  # a refcount block was created on the way: run again (QEMU's -EAGAIN)
+
+    async def _update(self, offset: int, length: int, addend: int) -> None:
+        """QEMU's update_refcount: raises _Again after creating a refcount block, undoing what it had done."""
         if length <= 0:
             return
         first, last = offset >> self.cbits, (offset + length - 1) >> self.cbits
-        for c in range(first, last + 1):
-            if addend < 0 and not self.block_offset(c // self.entries):
-                raise self.corrupt(f"refcount of cluster {c} would become {addend} (out of range)", c << self.cbits)
-            await self._ensure_block(c)
-            off = self.block_offset(c // self.entries)
-            blk = await self.cache.get(off)
-            i = c % self.entries
-            v = self._read_entry(blk, i) + addend
-            if v < 0 or v > self.max_refcount:
-                raise self.corrupt(f"refcount of cluster {c} would become {v} (out of range)", c << self.cbits)
-            self._write_entry(blk, i, v)
-            self.cache.mark_dirty(off)
-            if v == 0 and c < self.free_hint:
-                self.free_hint = c
+        done = first
+        try:
+            for c in range(first, last + 1):
+                off = self.block_offset(c // self.entries)
+                if not off:
+                    if addend < 0:
+                        raise self.corrupt(f"refcount of cluster {c} would become {addend} (out of range)",
+                                           c << self.cbits)
+                    try:
+                        await self._alloc_block(c)
+                    except _Again:
+                        self.free_hint = min(self.free_hint, first)  # search again from here, as QEMU
+                        raise
+                blk = await self.cache.get(off)
+                i = c % self.entries
+                v = self._read_entry(blk, i) + addend
+                if v < 0 or v > self.max_refcount:
+                    raise self.corrupt(f"refcount of cluster {c} would become {v} (out of range)", c << self.cbits)
+                self._write_entry(blk, i, v)
+                self.cache.mark_dirty(off)
+                if v == 0 and c < self.free_hint:
+                    self.free_hint = c
+                done = c + 1
+        except BaseException:
+            if done > first:
+                await self._update(first << self.cbits, (done - first) << self.cbits, -addend)
+            raise
 
     async def flush(self) -> None:
         await self.cache.flush()
@@ -145,11 +173,62 @@ class Refcounts:
     # ------------------------------------------------------------ allocation
 
     async def alloc_clusters(self, n: int) -> int:
-        """Find ``n`` contiguous free clusters, set their refcounts to 1, return the host offset."""
-        start = await self.find_free_covered(n)
-        await self.set_range(start, n, 1)
-        self.free_hint = start + n
+        """Find ``n`` contiguous free clusters, set their refcounts to 1, return the host offset
+        (QEMU's qcow2_alloc_clusters: search, count, and search again if a refcount block had to be made)."""
+        while True:
+            start = await self._alloc_noref(n)
+            if all(self.block_offset(r) for r in range(start // self.entries, (start + n - 1) // self.entries + 1)):
+                await self.set_range(start, n, 1)  # the common case at C speed: every count was 0
+                break
+            try:
+                await self._update(start << self.cbits, n << self.cbits, 1)
+                break
+            except _Again:
+                continue
         return start << self.cbits
+
+    async def find_free_covered(self, n: int) -> int:
+        """The first cluster of ``n`` free contiguous ones (refcounts untouched), as the next allocation would."""
+        start = await self._find_free(n)
+        self._check_overlap(start << self.cbits, n << self.cbits, "allocation")
+        return start
+
+    async def _alloc_noref(self, n: int) -> int:
+        """QEMU's alloc_clusters_noref: the first free run from ``free_hint``; ``free_hint`` moves past it."""
+        start = await self._find_free(n)
+        if (start + n) << self.cbits > MAX_HOST_OFFSET:
+            raise self.corrupt("Cannot allocate clusters past the supported host offset range")
+        self._check_overlap(start << self.cbits, n << self.cbits, "allocation")
+        self.free_hint = start + n
+        return start
+
+    def _check_overlap(self, host: int, length: int, what: str) -> None:
+        """Refcounts that call metadata free would hand it out again: refuse (QEMU's overlap check)."""
+        hit = self.overlap_check(host, length) if self.overlap_check is not None else None
+        if hit is not None:
+            raise self.corrupt(f"Preventing invalid {what} at {host:#x} (overlaps with {hit}); "
+                               "the refcounts are inconsistent, run 'qemu-img check -r all'", host)
+
+    async def alloc_bytes(self, size: int) -> int:
+        """A byte range for compressed data (QEMU's qcow2_alloc_bytes): packed after the previous one, spilling
+        into the next cluster when that one is free; every cluster the range touches gains one reference."""
+        cs = self.cs
+        while True:
+            off = self.free_byte_offset
+            if off and await self.get(off >> self.cbits) >= self.max_refcount:
+                off = 0  # the partly used cluster cannot take another reference
+            if not off or (off % cs) + size > cs:
+                start = await self._alloc_noref(-(-size // cs))
+                if not off or -(-off // cs) != start:
+                    off = start << self.cbits
+            try:
+                await self._update(off, size, 1)
+                break
+            except _Again:
+                continue
+        end = off + size
+        self.free_byte_offset = end if end % cs else 0
+        return off
 
     async def set_range(self, start: int, n: int, value: int) -> None:
         """Set the refcounts of clusters [start, start+n) (their blocks must exist) to ``value``."""
@@ -168,44 +247,77 @@ class Refcounts:
             self.cache.mark_dirty(off)
             c += k
 
-    async def find_free_covered(self, n: int) -> int:
-        """The first cluster of ``n`` free contiguous ones whose refcount blocks exist (refcounts untouched)."""
+    def metadata_clusters(self, clusters: int, generous: bool = False) -> tuple[int, int]:
+        """(refcount blocks, table clusters) that count ``clusters`` plus themselves (the fixed point QEMU's
+        qcow2_refcount_metadata_size finds); ``generous`` leaves room to grow by half the table."""
+        per_table_cluster = self.cs // 8
+        table = blocks = n = 0
         while True:
-            start = await self._find_free(n)
-            uncovered = [r for r in range(start // self.entries, (start + n - 1) // self.entries + 1)
-                         if not self.block_offset(r)]
-            if not uncovered:
-                break
-            r = uncovered[0]
-            await self._new_block(r, max(start, r * self.entries))
-        if (start + n) << self.cbits > MAX_HOST_OFFSET:
-            raise self.corrupt("Cannot allocate clusters past the supported host offset range")
-        self._check_overlap(start << self.cbits, n << self.cbits, "allocation")
-        return start
+            last = n
+            blocks = -(-(clusters + table + blocks) // self.entries)
+            table = -(-blocks // per_table_cluster)
+            n = clusters + blocks + table
+            if n == last and generous:
+                clusters += -(-table // 2)
+                n, generous = 0, False
+                continue
+            if n == last:
+                return blocks, table
 
-    def _check_overlap(self, host: int, length: int, what: str) -> None:
-        """Refcounts that call metadata free would hand it out again: refuse (QEMU's overlap check)."""
-        hit = self.overlap_check(host, length) if self.overlap_check is not None else None
-        if hit is not None:
-            raise self.corrupt(f"Preventing invalid {what} at {host:#x} (overlaps with {hit}); "
-                               "the refcounts are inconsistent, run 'qemu-img check -r all'", host)
+    async def refcount_area(self, start: int, additional: int, exact: bool = True, new_index: int = -1,
+                            new_block: int = 0) -> int:
+        """A new refcount table (and the blocks it lacks) at free cluster ``start``, sized for ``start +
+        additional`` clusters (half as much again unless ``exact``), optionally hooking up refcount block
+        ``new_block`` at ``new_index``; returns the first cluster after it (QEMU's qcow2_refcount_area)."""
+        total_blocks, _ = self.metadata_clusters(start + additional, generous=not exact)
+        per = self.cs // 8
+        table_size = total_blocks if exact else total_blocks + -(-total_blocks // 2)
+        table_size = -(-table_size // per) * per
+        table_clusters = table_size * 8 // self.cs
+        if table_size * 8 > MAX_REFTABLE_BYTES:
+            raise self.corrupt("Refcount table would exceed the maximum size")
+        used = max((i + 1 for i, e in enumerate(self.table) if e), default=1)
+        new_table = (self.table[:min(used, table_size)] + [0] * table_size)[:table_size]
+        if new_block:
+            new_table[new_index] = new_block
+        area_index = start // self.entries
+        missing = sum(1 for i in range(area_index, total_blocks) if not new_table[i])
+        table_at = start + missing
+        end = table_at + table_clusters
+        block_at = start
+        for i in range(area_index, total_blocks):
+            if new_table[i]:
+                off = new_table[i] & REFT_OFFSET_MASK
+                blk = await self.cache.get(off)
+            else:
+                off = block_at << self.cbits
+                blk = await self.cache.new(off)
+                new_table[i] = off
+                block_at += 1
+            first = i * self.entries
+            if first < end:
+                for j in range(max(start - first, 0), min(end - first, self.entries)):
+                    self._write_entry(blk, j, 1)
+                self.cache.mark_dirty(off)
+        await self.cache.flush()
+        await self.file.flush()
+        await self.file.pwritev(table_at << self.cbits, memoryview(struct.pack(f">{table_size}Q", *new_table)))
+        await self.file.flush()
+        await self.file.pwritev(48, memoryview(struct.pack(">QI", table_at << self.cbits, table_clusters)))
+        await self.file.flush()
+        old_off, old_clusters = self.h.refcount_table_offset, self.h.refcount_table_clusters
+        self.h.refcount_table_offset, self.h.refcount_table_clusters = table_at << self.cbits, table_clusters
+        self.table = new_table
+        self.generation += 1
+        await self.update(old_off, old_clusters * self.cs, -1)
+        return end
 
-    async def alloc_bytes(self, size: int) -> int:
-        """A byte range for compressed data (QEMU's qcow2_alloc_bytes): packed after the previous one, spilling
-        into the next cluster when that one is free; every cluster the range touches gains one reference."""
-        cs = self.cs
-        off = self.free_byte_offset
-        if off and await self.get(off >> self.cbits) >= self.max_refcount:
-            off = 0  # the partly used cluster cannot take another reference
-        if not off or (off % cs) + size > cs:
-            start = await self.find_free_covered(-(-size // cs))
-            if not off or -(-off // cs) != start:
-                off = start << self.cbits
-        await self.update(off, size, 1)
-        self.free_hint = max(self.free_hint, -(-(off + size) // cs))
-        end = off + size
-        self.free_byte_offset = end if end % cs else 0
-        return off
+    async def alloc_clusters_at(self, start: int, n: int) -> None:
+        """Take clusters [start, start+n), which must be free and counted by existing blocks."""
+        for c in range(start, start + n):
+            if await self.get(c):
+                raise self.corrupt(f"cluster {c} is already in use", c << self.cbits)
+        await self.set_range(start, n, 1)
 
     async def _find_free(self, n: int) -> int:
         """The first run of ``n`` clusters with refcount 0 from ``free_hint`` (uncovered ranges count as free)."""
@@ -237,82 +349,38 @@ class Refcounts:
                 run_start, run = c, 0
         return run_start
 
-    async def _new_block(self, rt_index: int, at: int) -> None:
-        """Create refcount block ``rt_index`` at cluster ``at`` (inside its own range, so it counts itself)."""
-        if rt_index >= len(self.table):
-            await self._grow_table(rt_index)
-            return
-        blk = bytearray(self.cs)
-        self._write_entry(blk, at % self.entries, 1)
-        off = at << self.cbits
-        self._check_overlap(off, self.cs, "refcount block allocation")
-        await self.file.pwritev(off, memoryview(blk))
-        await self.file.flush()
-        await self.file.pwritev(self.h.refcount_table_offset + 8 * rt_index, memoryview(struct.pack(">Q", off)))
-        await self.file.flush()
-        self.table[rt_index] = off
-        self.generation += 1
-        await self.cache.new(off, blk)
-        self.cache.dirty.discard(off)
+    async def _alloc_block(self, cluster: int) -> None:
+        """Create the refcount block counting ``cluster`` and raise _Again (QEMU's alloc_refcount_block).
 
-    async def _ensure_block(self, cluster: int) -> None:
+        The block goes to the first free cluster; it counts itself when it lies in its own range, else its
+        refcount is set where it lies. A full table moves to the start of the next uncovered range."""
         r = cluster // self.entries
-        if not self.block_offset(r):
-            # A refcount set on a cluster whose range has no block: create the block (in a free cluster of the
-            # range if there is one, else at the first free cluster anywhere after growing the table).
-            await self._new_block(r, cluster if r >= len(self.table) else await self._free_in_range(r, cluster))
-
-    async def _free_in_range(self, r: int, avoid: int) -> int:
-        for c in range(r * self.entries, (r + 1) * self.entries):
-            if c != avoid:
-                return c
-        raise self.corrupt("no free cluster for a refcount block")
-
-    async def _grow_table(self, need_index: int) -> None:
-        """Copy the table to a larger one (with new blocks for its own clusters) at the end of the file."""
-        old_off, old_clusters = self.h.refcount_table_offset, self.h.refcount_table_clusters
-        file_end = -(-self.file.getlength() // self.cs)
-        start = max(file_end, self.free_hint)
-        while True:  # skip clusters already in use past the file end (rare: allocated, not yet written)
-            if all([await self.get(c) == 0 for c in range(start, start + 4)]):
-                break
-            start += 1
-        blocks: list[int] = []
-        tclusters = max(old_clusters + 1, -(-(need_index + 1) * 8 // self.cs))
-        while True:
-            area_end = start + len(blocks) + tclusters
-            ranges = range(start // self.entries, (area_end - 1) // self.entries + 1)
-            new_blocks = [r for r in ranges if not self.block_offset(r)]
-            want_entries = max(need_index + 1, (ranges[-1] + 1) if ranges else 0, len(self.table))
-            want_tclusters = max(tclusters, -(-want_entries * 8 // self.cs))
-            if len(new_blocks) == len(blocks) and want_tclusters == tclusters:
-                blocks = new_blocks
-                break
-            blocks, tclusters = new_blocks, want_tclusters
-        if tclusters * self.cs > MAX_REFTABLE_BYTES:
-            raise self.corrupt("Refcount table would exceed the maximum size")
-        area = range(start, start + len(blocks) + tclusters)
-        # Clusters of the area in ranges that already have a block: count them there first.
-        for c in area:
-            if self.block_offset(c // self.entries):
-                await self.set(c, 1)
-        await self.flush()
-        new_table = self.table + [0] * (tclusters * self.cs // 8 - len(self.table))
-        for i, r in enumerate(blocks):
-            boff = (start + i) << self.cbits
-            blk = bytearray(self.cs)
-            for c in area:
-                if c // self.entries == r:
-                    self._write_entry(blk, c % self.entries, 1)
-            await self.file.pwritev(boff, memoryview(blk))
-            new_table[r] = boff
-        toff = (start + len(blocks)) << self.cbits
-        await self.file.pwritev(toff, memoryview(struct.pack(f">{len(new_table)}Q", *new_table)))
+        if self.before_new_block is not None:
+            await self.before_new_block()
+        nb = await self._alloc_noref(1)
+        if nb == 0:
+            raise self.corrupt("Preventing invalid allocation of refcount block at offset 0", 0)
+        blk = bytearray(self.cs)
+        if nb // self.entries == r:
+            self._write_entry(blk, nb % self.entries, 1)
+        else:
+            await self.update(nb << self.cbits, self.cs, 1)
+            await self.cache.flush()
+        self._check_overlap(nb << self.cbits, self.cs, "refcount block allocation")
+        await self.cache.new(nb << self.cbits, bytes(blk))
+        await self.cache.flush()
         await self.file.flush()
-        self.h.refcount_table_offset, self.h.refcount_table_clusters = toff, tclusters
-        await self.file.pwritev(48, memoryview(struct.pack(">QI", toff, tclusters)))
-        await self.file.flush()
-        self.table = new_table
-        self.generation += 1
-        self.free_hint = max(self.free_hint, area.stop)
-        await self.update(old_off, old_clusters * self.cs, -1)
+        if r < len(self.table):
+            entry = memoryview(struct.pack(">Q", nb << self.cbits))
+            await self.file.pwritev(self.h.refcount_table_offset + 8 * r, entry)
+            await self.file.flush()
+            self.table[r] = nb << self.cbits
+            self.generation += 1
+            raise _Again
+        blocks_used = -(-max(cluster + 1, nb + 1) // self.entries)
+        await self.refcount_area(blocks_used * self.entries, 0, exact=False, new_index=r, new_block=nb << self.cbits)
+        raise _Again
+
+
+class _Again(Exception):
+    """A refcount block was created: the caller looks for free clusters again (QEMU's -EAGAIN)."""

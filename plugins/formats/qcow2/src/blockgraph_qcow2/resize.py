@@ -9,7 +9,7 @@ from typing import Any
 from blockgraph.driver import PreallocMode
 from blockgraph.errors import BlockGraphError, BlockIOError
 
-from .constants import L1E_OFFSET_MASK, MAX_L1_BYTES, OFLAG_COPIED, SUBCLUSTERS
+from .constants import L1E_OFFSET_MASK, L2E_OFFSET_MASK, MAX_L1_BYTES, OFLAG_COPIED, SUBCLUSTERS
 
 _ALL_ALLOC = (1 << SUBCLUSTERS) - 1
 
@@ -48,7 +48,10 @@ class ResizeMixin:
                 await self.data.truncate(length, exact, PreallocMode.OFF)
         else:
             await self._set_size(length)  # preallocation maps clusters below the new size
-            await self.preallocate(old, length, prealloc)
+            if prealloc is PreallocMode.METADATA or img.has_data_file:
+                await self.preallocate(old, length, prealloc)
+            else:
+                await self._preallocate_area(old, length, prealloc)
         await self._set_size(length)
 
     def _l1_size_for(self, size: int) -> int:
@@ -126,6 +129,56 @@ class ResizeMixin:
         if host_end > target.getlength():
             await target.truncate(host_end, False, mode if mode is not PreallocMode.METADATA else PreallocMode.OFF)
 
+    async def _preallocate_area(self, old: int, new: int, mode: PreallocMode) -> None:
+        """falloc/full as QEMU: refcount structures for everything first (a new refcount table past the used
+        clusters), then the data clusters in one run after it, the file grown with ``mode``, then L2 entries."""
+        img = self.img
+        cs, cbits = self.cluster_size, img.cbits
+        async with self.meta_lock:
+            if img.lazy:
+                await img.set_dirty()
+            await img.flush_metadata()
+            last = await self._last_used_cluster()
+            start = last + 1 if last >= 0 else -(-self.file.getlength() // cs)
+            first_c = old >> cbits
+            n_data = -(-new // cs) - first_c
+            if n_data <= 0:
+                return
+            n_l2 = -(-n_data // img.l2_entries) + 1
+            alloc_start = await img.rc.refcount_area(start, n_data + n_l2)
+            await img.rc.alloc_clusters_at(alloc_start, n_data)
+            await img.rc.flush()
+        await self.file.truncate((alloc_start + n_data) << cbits, False, mode)
+        head = old - (first_c << cbits)
+        if head:  # the old partial last cluster moves into the new run: copy what it held
+            buf = bytearray(head)
+            await self.preadv(first_c << cbits, memoryview(buf), 0)  # type: ignore[attr-defined]
+            await self.data.pwritev(alloc_start << cbits, memoryview(buf))
+        c = first_c
+        while c < first_c + n_data:
+            l1i = c >> img.l2_bits
+            stop = min(first_c + n_data, (l1i + 1) << img.l2_bits)
+            async with self.meta_lock:
+                await self._meta_changing()  # type: ignore[attr-defined]
+                _, table = await self._get_l2_for_write(l1i)  # type: ignore[attr-defined]
+                old_entries = []
+                for k in range(c, stop):
+                    i = k & (img.l2_entries - 1)
+                    old_entries.append(img.l2_get(table, i)[0])
+                    img.l2_put(table, i, ((alloc_start + k - first_c) << cbits) | OFLAG_COPIED,
+                               _ALL_ALLOC if img.extl2 else 0)
+                img.l2_cache.mark_dirty(img.l2_offset(l1i))
+                img.l2_cache.needs_flush = True
+                freed = [e for e in old_entries if e & L2E_OFFSET_MASK]
+                if freed:
+                    await img.l2_cache.flush()
+                    await self.file.flush()
+                    for e in freed:
+                        await img.rc.update(e & L2E_OFFSET_MASK, cs, -1)
+            c = stop
+        async with self.meta_lock:
+            await img.flush_metadata()
+
     async def _shrink(self, length: int, new_l1: int) -> None:
         img = self.img
         h = img.h
@@ -168,4 +221,4 @@ class ResizeMixin:
         for c in range(n - 1, -1, -1):
             if await img.rc.get(c):
                 return c
-        return 0
+        return -1
