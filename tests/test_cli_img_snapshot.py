@@ -69,3 +69,17 @@ def test_option_errors() -> None:
     assert pimg("snapshot", "-U", "-c", "x", "a.pc") == Result(
         1, "", "qemu-img: Could not open 'a.pc': force-share=on can only be used with read-only images\n")
     assert pimg("snapshot", "a.pc") == Result(0, "", "")
+
+
+def test_capabilities_detect_the_new_hooks() -> None:
+    from blockgraph.driver import Capabilities
+    from blockgraph_raw.driver import RawDriver
+    from helpers_pcow import PcowDriver
+
+    pcow, raw = Capabilities.of(PcowDriver), Capabilities.of(RawDriver)
+    assert (pcow.snapshot, pcow.check, pcow.change_backing_file, pcow.make_empty, pcow.amend, pcow.measure) == \
+        (True,) * 6
+    assert not pcow.vmstate
+    assert (raw.snapshot, raw.check, raw.change_backing_file, raw.make_empty, raw.amend) == (False,) * 5
+    assert raw.measure
+    assert "has_snapshot=1" in pcow.lines() and "has_snapshot=0" in raw.lines()
