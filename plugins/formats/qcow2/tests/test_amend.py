@@ -83,3 +83,22 @@ def test_help_lists_amendable_options() -> None:
     names = [line.split("=")[0].strip() for line in mine[1].splitlines()[1:]]
     assert set(names) <= {line.split("=")[0].strip() for line in real.stdout.splitlines()[1:]}
     assert {"compat", "lazy_refcounts", "refcount_bits", "size"} <= set(names)
+
+
+def test_data_file_rename_and_raw_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # data file names are relative to the image, created from here
+    infos = []
+    for name in ("x", "y"):
+        img = tmp_path / f"{name}.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={name}.raw,data_file_raw=on", str(img), "4M")
+        shutil.copy(tmp_path / f"{name}.raw", tmp_path / f"{name}2.raw")
+        run = qemu_img if name == "x" else None
+        for opt in (f"data_file={name}2.raw", "data_file_raw=off"):
+            if run is not None:
+                qemu_img("amend", "-o", opt, str(img))
+            else:
+                assert bg("amend", "-o", opt, str(img)) == (0, "", "")
+        infos.append([line.replace(f"{name}2", "N") for line in info(img)])
+    assert infos[0] == infos[1]
+    assert "    data file: N.raw" in infos[1]
+    assert qemu_img("check", str(tmp_path / "y.qcow2"), check=False).returncode == 0
