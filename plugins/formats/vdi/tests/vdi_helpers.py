@@ -1,91 +1,31 @@
-"""Helpers of the vdi tests: the CLIs (ours and QEMU's), image creation, pattern I/O."""
+"""Helpers of the vdi tests: the shared interop helpers with vdi as the default format."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import io
-import shutil
-import subprocess
-import sys
+from asyncio import run as arun
 from pathlib import Path
 from typing import Any
 
-import pytest
-from blockgraph.backend import BlockBackend
-from blockgraph.session import Session
+from blockgraph.testing import peers
+from blockgraph.testing.peers import QEMU_IMG, QEMU_IO, bg, needs_qemu, qemu_raw, run
 
-QEMU_IMG = shutil.which("qemu-img")
-QEMU_IO = shutil.which("qemu-io")
-BG = str(Path(sys.executable).parent / "blockgraph")
-needs_qemu = pytest.mark.skipif(QEMU_IMG is None or QEMU_IO is None,
-                                reason="qemu-img/qemu-io (Debian qemu-utils) are not installed")
+__all__ = ["QEMU_IMG", "QEMU_IO", "arun", "bg", "create", "needs_qemu", "qemu_raw", "read_all", "run", "with_image",
+           "write_at"]
+FMT = "vdi"
 
 
-def run(*cmd: str, ok: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    if ok and proc.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({proc.returncode}): {proc.stdout}{proc.stderr}")
-    return proc
-
-
-def bg(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    """``blockgraph ARGS...`` in this process (a subprocess would cost a Python start-up per call)."""
-    from blockgraph.cli.main import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(list(args))
-    proc = subprocess.CompletedProcess([BG, *args], rc, out.getvalue(), err.getvalue())
-    if ok and rc != 0:
-        raise AssertionError(f"blockgraph {args} failed ({rc}): {proc.stdout}{proc.stderr}")
-    return proc
-
-
-def arun(coro: Any) -> Any:
-    return asyncio.run(coro)
-
-
-async def _with_backend(spec: dict[str, Any], fn: Any, read_only: bool = False) -> Any:
-    session = Session()
-    try:
-        node = await session.open_node({**spec, "read-only": read_only})
-        blk = await BlockBackend.attach_new(session, node, read_only=read_only)
-        return await fn(blk, node)
-    finally:
-        await session.close()
-
-
-def with_image(path: Path | str, fn: Any, *, read_only: bool = False, fmt: str = "vdi",
+def with_image(path: Path | str, fn: Any, *, read_only: bool = False, fmt: str = FMT,
                extra: dict[str, Any] | None = None) -> Any:
-    spec = {"driver": fmt, "file": {"driver": "file", "filename": str(path)}, **(extra or {})}
-    return arun(_with_backend(spec, fn, read_only))
+    return peers.with_image(path, fmt, fn, read_only=read_only, extra=extra)
 
 
-def read_all(path: Path | str, fmt: str = "vdi", extra: dict[str, Any] | None = None) -> bytes:
-    async def go(blk: BlockBackend, node: Any) -> bytes:
-        buf = bytearray(blk.getlength())
-        await blk.preadv(0, memoryview(buf))
-        return bytes(buf)
-
-    return with_image(path, go, read_only=True, fmt=fmt, extra=extra)
+def read_all(path: Path | str, fmt: str = FMT, extra: dict[str, Any] | None = None) -> bytes:
+    return peers.read_all(path, fmt, extra)
 
 
-def write_at(path: Path | str, writes: list[tuple[int, bytes]], fmt: str = "vdi") -> None:
-    async def go(blk: BlockBackend, node: Any) -> None:
-        for off, data in writes:
-            await blk.pwritev(off, memoryview(data))
-        await blk.flush()
-
-    with_image(path, go, fmt=fmt)
+def write_at(path: Path | str, writes: list[tuple[int, bytes]], fmt: str = FMT) -> None:
+    peers.write_at(path, fmt, writes)
 
 
-def create(path: Path | str, size: int | str, fmt: str = "vdi", **opts: str) -> None:
-    o = ",".join(f"{k}={v}" for k, v in opts.items())
-    bg("img", "create", "-q", "-f", fmt, *(["-o", o] if o else []), str(path), str(size))
-
-
-def qemu_raw(path: Path, fmt: str, tmp: Path) -> bytes:
-    out = tmp / (path.name + ".qemu.raw")
-    run(QEMU_IMG, "convert", "-f", fmt, "-O", "raw", str(path), str(out))
-    return out.read_bytes()
+def create(path: Path | str, size: int | str, fmt: str = FMT, **opts: str) -> None:
+    peers.create(path, size, fmt, **opts)
