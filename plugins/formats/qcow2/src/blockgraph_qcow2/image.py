@@ -233,9 +233,15 @@ class Image:
         if for_write and not entry & OFLAG_COPIED:
             typ = _SHARED.get(typ, typ)
         if typ == ClusterType.COMPRESSED:
+            if self.has_data_file:
+                raise self.corrupt(f"Compressed cluster entry found in image with external data file "
+                                   f"(L2 offset: {l2_off:#x}, L2 index: {i:#x})")
             return Mapping(typ, entry, min(length, self.cs - in_cluster))
         start_host = host + in_cluster
         self._check_host(typ, host, entry)
+        if self.has_data_file and typ in _HOSTED and host != ci << self.cbits:
+            raise self.corrupt(f"External data file host cluster offset {host:#x} does not match guest cluster "
+                               f"offset: {ci << self.cbits:#x}")
         got = (sc + 1) * sc_size - in_cluster if self.extl2 else self.cs - in_cluster
         # Extend over following subclusters / clusters of the same table with the same type and contiguity.
         while got < length:
