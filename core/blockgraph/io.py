@@ -14,6 +14,7 @@ import errno
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from .bitmaps import set_dirty
 from .driver import BlockStatus, DriverKind, PreallocMode, ReqFlags, Status
 from .errors import BlockIOError, NotSupported
 
@@ -301,6 +302,8 @@ async def pwritev(node: Node, offset: int, buf: memoryview, flags: ReqFlags = Re
             await _write_aligned(node, offset, buf, flags)
         _grown(node, offset + n)
     finally:
+        if node.dirty_bitmaps:  # as bdrv_co_write_req_finish: marked even when the write failed
+            set_dirty(node, offset, n)
         _end(node, req)
 
 
@@ -370,6 +373,8 @@ async def pwrite_zeroes(node: Node, offset: int, length: int, flags: ReqFlags = 
         await _zeroes_aligned(node, offset, length, flags)
         _grown(node, offset + length)
     finally:
+        if node.dirty_bitmaps:
+            set_dirty(node, offset, length)
         _end(node, req)
 
 
@@ -454,6 +459,8 @@ async def pdiscard(node: Node, offset: int, length: int) -> None:
                 return
         node.write_gen += 1
     finally:
+        if node.dirty_bitmaps:
+            set_dirty(node, offset, length)
         _end(node, req)
 
 

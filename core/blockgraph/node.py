@@ -118,6 +118,7 @@ class Node:
     no_flush: bool = False
     closed: bool = False
     log: Any = None
+    dirty_bitmaps: list = attrs.Factory(list)  # blockgraph.bitmaps.DirtyBitmap, newest first
 
     def __repr__(self) -> str:
         return f"<Node {self.name!r} driver={self.driver_name}>"

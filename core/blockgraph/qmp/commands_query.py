@@ -107,6 +107,8 @@ async def device_info(daemon: Any, node: Node, *, flat: bool = False, backend: A
     info["cache"] = {"writeback": backend.write_cache if backend is not None else True,
                      "direct": bool(common and common.cache_direct), "no-flush": node.no_flush}
     info["write_threshold"] = 0
+    if node.dirty_bitmaps:
+        info["dirty-bitmaps"] = [bm.info() for bm in node.dirty_bitmaps]
     return info
 
 

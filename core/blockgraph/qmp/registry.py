@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 Handler = Callable[[Any, dict[str, Any]], Any]
 CORE: dict[str, Command] = {}
 CORE_MODULES = ("commands_core", "commands_query", "commands_graph", "commands_snapshot", "commands_export",
-                "commands_hmp")
+                "commands_hmp", "commands_bitmaps")
 
 
 @attrs.define

@@ -1,0 +1,119 @@
+"""block-dirty-bitmap-* through ``blockgraph serve`` and the real qemu-storage-daemon: the same replies and
+errors for a table of cases, the same ``dirty-bitmaps`` in query-named-block-nodes, and writes through an NBD
+export marking the same granules."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from blockgraph.daemon.harness import QSD, ServeProcess
+
+qmp_mod = pytest.importorskip("qemu.qmp", reason="qemu.qmp (the test extra) is not installed")
+pytestmark = pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None or shutil.which("qemu-img") is None,
+                                reason="qemu-storage-daemon / qemu-img (Debian qemu-utils) not installed")
+
+CASES: list[tuple[str, dict[str, Any]]] = [
+    ("block-dirty-bitmap-add", {"node": "q", "name": "b0"}),
+    ("block-dirty-bitmap-add", {"node": "q", "name": "b0"}),
+    ("block-dirty-bitmap-add", {"node": "q", "name": ""}),
+    ("block-dirty-bitmap-add", {"node": "nope", "name": "x"}),
+    ("block-dirty-bitmap-add", {"node": "q", "name": "g", "granularity": 1000}),
+    ("block-dirty-bitmap-add", {"node": "q", "name": "g", "granularity": 256}),
+    ("block-dirty-bitmap-add", {"node": "q", "name": "g", "granularity": 1 << 32}),
+    ("block-dirty-bitmap-add", {"node": "q", "name": "g3", "granularity": 4096, "disabled": True}),
+    ("block-dirty-bitmap-add", {"node": "q", "name": "big", "granularity": 1 << 31}),
+    ("block-dirty-bitmap-add", {"node": "r", "name": "p", "persistent": True}),
+    ("block-dirty-bitmap-add", {"node": "q", "name": "x" * 1024}),
+    ("block-dirty-bitmap-add", {"node": "r", "name": "rb"}),
+    ("block-dirty-bitmap-add", {"node": "r", "name": "r2", "granularity": 512}),
+    ("block-dirty-bitmap-add", {"node": "q", "name": "bad", "foo": 1}),
+    ("block-dirty-bitmap-add", {"node": "q"}),
+    ("block-dirty-bitmap-add", {"node": "q", "name": 5}),
+    ("query-named-block-nodes", {"flat": True}),
+    ("block-dirty-bitmap-enable", {"node": "q", "name": "g3"}),
+    ("block-dirty-bitmap-disable", {"node": "q", "name": "g3"}),
+    ("block-dirty-bitmap-disable", {"node": "q", "name": "zz"}),
+    ("block-dirty-bitmap-enable", {"node": "nope", "name": "zz"}),
+    ("block-dirty-bitmap-clear", {"node": "q", "name": "zz"}),
+    ("block-dirty-bitmap-clear", {"node": "nope", "name": "zz"}),
+    ("block-dirty-bitmap-clear", {"node": "q", "name": "b0"}),
+    ("block-dirty-bitmap-merge", {"node": "q", "target": "b0", "bitmaps": ["g3"]}),
+    ("block-dirty-bitmap-merge", {"node": "q", "target": "b0", "bitmaps": ["zz"]}),
+    ("block-dirty-bitmap-merge", {"node": "q", "target": "zz", "bitmaps": ["g3"]}),
+    ("block-dirty-bitmap-merge", {"node": "q", "target": "b0", "bitmaps": [{"node": "r", "name": "rb"}]}),
+    ("block-dirty-bitmap-merge", {"node": "q", "target": "b0", "bitmaps": [{"node": "nope", "name": "rb"}]}),
+    ("block-dirty-bitmap-merge", {"node": "q", "target": "b0", "bitmaps": [{"node": "r", "name": "zz"}]}),
+    ("block-dirty-bitmap-merge", {"node": "r", "target": "rb", "bitmaps": ["r2", {"node": "r", "name": "r2"}]}),
+    ("block-dirty-bitmap-merge", {"node": "r", "target": "rb", "bitmaps": ["rb"]}),
+    ("block-dirty-bitmap-remove", {"node": "q", "name": "zz"}),
+    ("block-dirty-bitmap-remove", {"node": "nope", "name": "zz"}),
+    ("block-dirty-bitmap-remove", {"node": "q", "name": "g3"}),
+    ("block-dirty-bitmap-remove", {"node": "q", "name": "g3"}),
+    ("query-named-block-nodes", {"flat": True}),
+]
+# (offset, length) written through the export; the bitmaps then hold exactly these granules.
+WRITES = [(0, 1), (70000, 4096), (1 << 20, 65536), (3 * (1 << 20) + 4095, 2)]
+
+
+def bitmaps_of(nodes: list[dict[str, Any]]) -> dict[str, Any]:
+    return {n["node-name"]: n.get("dirty-bitmaps") for n in nodes}
+
+
+async def session(sock: str, nbd_sock: str) -> tuple[list[Any], Any]:
+    qmp = qmp_mod.QMPClient("bitmaps")
+    await qmp.connect(sock)
+    out: list[Any] = []
+    try:
+        for cmd, args in CASES:
+            try:
+                res = await qmp.execute(cmd, args)
+                out.append(["ok", bitmaps_of(res) if cmd.startswith("query") else res])
+            except qmp_mod.ExecuteError as e:
+                out.append(["error", e.error_class, str(e)])
+        await qmp.execute("block-dirty-bitmap-add", {"node": "q", "name": "w", "granularity": 4096})
+        await qmp.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": nbd_sock}}})
+        await qmp.execute("block-export-add", {"type": "nbd", "id": "e", "node-name": "q", "writable": True})
+        for off, n in WRITES:
+            subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -P 7 {off} {n}",
+                            f"nbd+unix:///q?socket={nbd_sock}"], check=True, capture_output=True)
+        after = bitmaps_of(await qmp.execute("query-named-block-nodes", {"flat": True}))
+        await qmp.execute("block-export-del", {"id": "e"})
+    finally:
+        await qmp.disconnect()
+    return out, after
+
+
+@pytest.fixture(scope="module")
+def both(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[list[Any], Any]]:
+    d = tmp_path_factory.mktemp("bitmaps")
+    results = []
+    for program, sub in ((QSD, "qsd"), (None, "bg")):
+        w = d / sub
+        w.mkdir()
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(w / "a.qcow2"), "4M"], check=True)
+        Path(w / "r.raw").write_bytes(bytes(1 << 20))
+        args = ["--blockdev", f"driver=file,filename={w / 'a.qcow2'},node-name=fq",
+                "--blockdev", "driver=qcow2,file=fq,node-name=q",
+                "--blockdev", f"driver=file,filename={w / 'r.raw'},node-name=r"]
+        with ServeProcess(w, args, program=program) as proc:
+            results.append(asyncio.run(session(proc.socket, str(w / "nbd.sock"))))
+            assert proc.stop() == 0
+    return results
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=[f"{c}-{i}" for i, (c, _) in enumerate(CASES)])
+def test_same_reply(both: list[tuple[list[Any], Any]], i: int) -> None:
+    assert both[1][0][i] == both[0][0][i]
+
+
+def test_writes_through_an_export_mark_the_same_granules(both: list[tuple[list[Any], Any]]) -> None:
+    theirs, ours = both[0][1], both[1][1]
+    assert ours["q"] == theirs["q"]
+    w = next(b for b in ours["q"] if b["name"] == "w")
+    granules = {g for off, n in WRITES for g in range(off // 4096, (off + n - 1) // 4096 + 1)}
+    assert w["count"] == len(granules) * 4096
