@@ -86,3 +86,11 @@ def test_errors(args: list[str], err: str) -> None:
 def test_image_opts() -> None:
     assert img("resize", "--image-opts", "driver=raw,file.filename=r.img", "6M").rc == 0
     assert size() == 6 * MiB
+
+
+@pytest.mark.parametrize("fmt", ["vpc", "vdi"])
+def test_driver_without_resize(fmt: str) -> None:
+    """QEMU 7.2 names no driver here (bdrv_co_truncate), for vpc and vdi alike."""
+    assert img("create", "-q", "-f", fmt, f"t.{fmt}", "8M").rc == 0
+    assert img("resize", "-f", fmt, f"t.{fmt}", "16M") == Result(
+        1, "", "qemu-img: Image format driver does not support resize\n")

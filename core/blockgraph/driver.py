@@ -96,7 +96,10 @@ class Status(enum.IntFlag):
     OFFSET_VALID = 0x04
     ALLOCATED = 0x10
     EOF = 0x20
-    RECURSE = 0x40  # "ask my file child at `offset`" (BDRV_BLOCK_RAW)
+    # Without DATA: "my file child at `offset` answers for me" (BDRV_BLOCK_RAW: raw, fixed vpc).
+    # With DATA | OFFSET_VALID: "ask my file where this data reads as zeros" (BDRV_BLOCK_RECURSE: flat vmdk
+    # extents, qcow2 with metadata preallocation); other data extents are reported as they are, as QEMU does.
+    RECURSE = 0x40
 
 
 @attrs.frozen(slots=True)

@@ -489,7 +489,7 @@ async def flush(node: Node) -> None:
 async def truncate(node: Node, length: int, exact: bool, prealloc: PreallocMode) -> None:
     if not node.caps.truncate:
         raise BlockIOError(errno.ENOTSUP, node=node.name, op="truncate",
-                           detail=f"Image format driver '{node.driver_name}' does not support resize")
+                           detail="Image format driver does not support resize")
     await drain(node)
     await node.driver.truncate(length, exact, prealloc)
     node.length = sector_length(await node.driver.getlength())
@@ -520,14 +520,15 @@ async def block_status(node: Node, offset: int, length: int, want_zero: bool = T
             st = BlockStatus(st.flags, max(1, min(st.length, length)) if st.length > 0 else length,
                              st.offset, st.file)
     flags = st.flags
-    if flags & Status.RECURSE:
+    if flags & Status.RECURSE and not flags & Status.DATA:  # BDRV_BLOCK_RAW: the file answers for us
         inner = await block_status(st.file, st.offset, st.length, want_zero)
         if inner.flags & Status.EOF and inner.length == 0:
             inner = BlockStatus(Status.ZERO, st.length)
         st = BlockStatus(inner.flags & ~Status.EOF, min(inner.length, st.length), inner.offset, inner.file)
         flags = st.flags
-    elif (want_zero and flags & Status.DATA and flags & Status.OFFSET_VALID and st.file is not None
-          and st.file is not node and not flags & Status.ZERO):
+    elif (want_zero and flags & Status.RECURSE and flags & Status.DATA and flags & Status.OFFSET_VALID
+          and st.file is not None and st.file is not node and not flags & Status.ZERO):
+        # BDRV_BLOCK_RECURSE: only then does QEMU ask the file where the data reads as zeros.
         inner = await block_status(st.file, st.offset, st.length, want_zero)
         if inner.flags & Status.EOF and (inner.length == 0 or inner.flags & Status.ZERO):
             st = BlockStatus(flags | Status.ZERO, st.length, st.offset, st.file)  # past the file's end: zeros
@@ -535,6 +536,7 @@ async def block_status(node: Node, offset: int, length: int, want_zero: bool = T
             st = BlockStatus(flags | (inner.flags & Status.ZERO), min(inner.length, st.length) or st.length,
                              st.offset, st.file)
         flags = st.flags
+    flags &= ~Status.RECURSE  # a request to this function, not a status
     if flags & (Status.DATA | Status.ZERO):
         flags |= Status.ALLOCATED
     elif want_zero and node.cow_child() is not None and offset >= node.cow_child().node.length:

@@ -105,6 +105,13 @@ async def run_map(node: Node, fmt: str, start: int, max_length: int | None) -> N
     if max_length is not None:
         length = min(start + max_length, length)
     out: list[str] = ["[" if fmt == "json" else f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File\n"]
+    try:
+        await _map_entries(node, fmt, start, length, out)
+    finally:  # what was printed before an error stays printed, as with qemu-img's unbuffered lines
+        sys.stdout.write("".join(out))
+
+
+async def _map_entries(node: Node, fmt: str, start: int, length: int, out: list[str]) -> None:
     curr = MapEntry(start=start)
     while curr.start + curr.length < length:
         offset = curr.start + curr.length
@@ -121,7 +128,6 @@ async def run_map(node: Node, fmt: str, start: int, max_length: int | None) -> N
     dump_entry(fmt, curr, None, out)
     if fmt == "json":
         out.append("]\n")
-    sys.stdout.write("".join(out))
 
 
 def main(argv: list[str], host: PluginHost) -> int:

@@ -225,8 +225,29 @@ class Qcow2Driver(WriteMixin, FullDiscardMixin, ResizeMixin, CheckMixin, Snapsho
         if t == ClusterType.ZERO_ALLOC:
             return BlockStatus(Status.ZERO | Status.OFFSET_VALID, m.length, m.host, self.data.node)
         if t == ClusterType.NORMAL:
-            return BlockStatus(Status.DATA | Status.OFFSET_VALID, m.length, m.host, self.data.node)
+            rec = Status.RECURSE if await self._metadata_preallocated() else Status.NONE
+            return BlockStatus(Status.DATA | Status.OFFSET_VALID | rec, m.length, m.host, self.data.node)
         return BlockStatus(Status.DATA, m.length)
+
+    async def _metadata_preallocated(self) -> bool:
+        """QEMU's heuristic (qcow2_detect_metadata_preallocation), checked once: far more clusters have a
+        refcount than the file has host space for. Only then does block status ask the file for zeros."""
+        known = getattr(self, "_meta_prealloc", None)
+        if known is None:
+            getter = getattr(self.file.node.driver, "allocated_size", None)
+            known = False
+            if callable(getter):
+                real = getter() // self.cluster_size
+                threshold = max(real * 10 // 9, real + 2)
+                end = -(-self.file.getlength() // self.cluster_size)
+                count = 0
+                for i in range(end):
+                    if count >= threshold:
+                        break
+                    count += bool(await self.img.rc.get(i))
+                known = count >= threshold
+            self._meta_prealloc = known
+        return known
 
     # ------------------------------------------------------------ flush / info
 

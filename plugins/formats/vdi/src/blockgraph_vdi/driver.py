@@ -19,7 +19,7 @@ from blockgraph.options import opt, parse_bool, parse_size
 from blockgraph.perms import ChildRole
 
 from . import header as hdr
-from .header import BLOCK_SIZE, HEADER_SIZE, SECTOR, UNALLOCATED, is_allocated
+from .header import BLOCK_SIZE, HEADER_SIZE, SECTOR, TYPE_STATIC, UNALLOCATED, is_allocated
 
 _LITTLE = sys.byteorder == "little"
 
@@ -188,8 +188,10 @@ class VdiDriver:
                 n += BLOCK_SIZE
                 block += 1
             return BlockStatus(Status.ZERO, min(n, length))
-        return BlockStatus(Status.DATA | Status.OFFSET_VALID, min(length, BLOCK_SIZE - in_block), at + in_block,
-                           self.file.node)
+        # QEMU asks the file of a static image where it reads as zeros (BDRV_BLOCK_RECURSE), not a dynamic one's.
+        rec = Status.RECURSE if self.header.image_type == TYPE_STATIC else Status.NONE
+        return BlockStatus(Status.DATA | Status.OFFSET_VALID | rec, min(length, BLOCK_SIZE - in_block),
+                           at + in_block, self.file.node)
 
     # ------------------------------------------------------------ check
 

@@ -348,7 +348,8 @@ class VmdkDriver:
     async def _block_status(self, offset: int, length: int, want_zero: bool) -> BlockStatus:
         ext, rel, _at, n = self._pieces(offset, length)[0]
         if isinstance(ext, FlatExtent):
-            return BlockStatus(Status.DATA | Status.OFFSET_VALID, n, ext.base + rel, ext.child.node)
+            # QEMU asks a flat extent's file where it reads as zeros (BDRV_BLOCK_RECURSE), not a sparse one's.
+            return BlockStatus(Status.DATA | Status.OFFSET_VALID | Status.RECURSE, n, ext.base + rel, ext.child.node)
         if not isinstance(ext, SparseExtent):
             return BlockStatus(Status.ZERO if ext.access != "NOACCESS" else Status.DATA, n)
         state, host, n = await ext.status(rel, n)

@@ -415,7 +415,7 @@ class VpcDriver:
     async def block_status(self, offset: int, length: int, want_zero: bool) -> BlockStatus:
         if self.fixed:
             # Data at the same offset; the file says where it reads as zeros (QEMU: DATA | RECURSE).
-            return BlockStatus(Status.DATA | Status.OFFSET_VALID, length, offset, self.file.node)
+            return BlockStatus(Status.DATA | Status.OFFSET_VALID | Status.RECURSE, length, offset, self.file.node)
         absent = Status.NONE if self.node.backing is not None else Status.ZERO
         block, in_block = divmod(offset, self.block_size)
         if self._entry(block) == UNALLOCATED:
