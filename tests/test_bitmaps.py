@@ -76,7 +76,7 @@ def test_checks_use_qemu_texts() -> None:
     bm.check(allow_ro=True)
     with pytest.raises(BitmapError, match=r"^Bitmap 'x' is readonly and cannot be modified$"):
         bm.check()
-    bm.readonly, bm.inconsistent = False, True
+    bm.readonly, bm.inconsistent, bm.enabled = False, True, False
     with pytest.raises(BitmapError, match=r"^Bitmap 'x' is inconsistent and cannot be used$"):
         bm.check(allow_ro=True)
     assert bm.info()["inconsistent"] is True and bm.info()["recording"] is False

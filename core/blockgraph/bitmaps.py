@@ -175,7 +175,7 @@ class DirtyBitmap:
         out: dict[str, object] = {}
         if self.name is not None:
             out["name"] = self.name
-        out.update({"recording": self.enabled and not self.readonly and not self.inconsistent,
+        out.update({"recording": self.enabled,
                     "persistent": self.persistent, "busy": self.busy, "granularity": self.granularity,
                     "count": self.count()})
         if self.inconsistent:

@@ -14,6 +14,7 @@ from blockgraph.perms import ChildRole
 
 from . import compress
 from .amend import AmendMixin
+from .bitmaps import load as load_bitmaps
 from .check import CheckMixin
 from .constants import (
     AUTOCLEAR_DATA_FILE_RAW,
@@ -99,6 +100,7 @@ class Qcow2Driver(WriteMixin, FullDiscardMixin, ResizeMixin, CheckMixin, Snapsho
         self._init_write_state()
         if h.dirty and not self.read_only:
             await self._repair_dirty()
+        await load_bitmaps(self, h)  # persistent dirty bitmaps, before the autoclear bit is dropped
         keep = h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW
         if not self.read_only and h.autoclear_features != keep:
             # Bitmaps are not maintained here: clearing their autoclear bit tells readers they are stale.

@@ -11,10 +11,12 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 import attrs
+from blockgraph import bitmaps as core_bitmaps
 from blockgraph import io
 from blockgraph.backend import BlockBackend
 from blockgraph.driver import Status
 from blockgraph.errors import OptionError
+from blockgraph.perms import Perm
 
 from . import protocol as P
 
@@ -27,7 +29,6 @@ ID_BASE_ALLOCATION = 0
 ID_ALLOCATION_DEPTH = 1
 ID_FIRST_BITMAP = 2
 MAX_EXTENTS = 65536  # per BLOCK_STATUS chunk (proto.md allows 2^20; fewer keeps one reply small)
-NO_BITMAPS = "blockgraph has no dirty bitmaps yet"
 READ_LOOKAHEAD = 64 * 1024 * 1024  # how far read_map asks block status to look
 YIELD_EVERY = 256  # block-status steps between two yields to the event loop
 
@@ -42,6 +43,7 @@ class NbdExport:
     writable: bool = False
     allocation_depth: bool = False
     bitmaps: tuple[str, ...] = ()
+    dirty: list[Any] = attrs.Factory(list)  # the DirtyBitmap behind each name of ``bitmaps``, busy while served
     multi_conn: bool = True
     id: str = ""
     node_name: str = ""
@@ -109,8 +111,10 @@ class NbdExport:
             status = self._allocation
         elif context_id == ID_ALLOCATION_DEPTH:
             status = self._depth
+        elif 0 <= context_id - ID_FIRST_BITMAP < len(self.dirty):
+            return _dirty_extents(self.dirty[context_id - ID_FIRST_BITMAP], offset, length, one)
         else:
-            raise OptionError(f"meta context {context_id}: {NO_BITMAPS}")
+            raise OptionError(f"meta context {context_id} is not offered")
         out: list[tuple[int, int]] = []
         end = offset + length
         steps = 0
@@ -183,6 +187,9 @@ class NbdExport:
     # ------------------------------------------------------------ life cycle
 
     async def close(self) -> None:
+        for bm in self.dirty:
+            bm.busy = False
+        self.dirty = []
         await self.blk.close()
 
     def info(self) -> dict[str, Any]:
@@ -194,13 +201,51 @@ async def new_export(session: Session, node: Node, *, name: str, description: st
                      writethrough: bool = False, allocation_depth: bool = False, bitmaps: tuple[str, ...] = (),
                      export_id: str = "") -> NbdExport:
     """Attach a BlockBackend to ``node`` (sharing everything, as QEMU's exports do) and describe it."""
-    for bitmap in bitmaps:
-        raise OptionError(f"Bitmap '{bitmap}' is not found ({NO_BITMAPS})")
+    dirty = [_find_bitmap(node, b, writable) for b in bitmaps]
     if len(name.encode()) > P.MAX_STRING:
         raise OptionError(f"export name '{name}' too long")
     if len(description.encode()) > P.MAX_STRING:
         raise OptionError(f"export description '{description}' too long")
     blk = await BlockBackend.attach_new(session, node, read_only=not writable, share_all=True,
                                         write_cache=not writethrough)
+    for bm in dirty:
+        bm.busy = True  # nobody may clear or remove a bitmap a client is reading (as QEMU)
     return NbdExport(name=name, blk=blk, description=description, writable=writable,
-                     allocation_depth=allocation_depth, id=export_id or name, node_name=node.name)
+                     allocation_depth=allocation_depth, bitmaps=tuple(bitmaps), dirty=dirty,
+                     id=export_id or name, node_name=node.name)
+
+
+def _find_bitmap(node: Node, name: str, writable: bool) -> Any:
+    """The bitmap on ``node`` or the first node below it through filters and backing files (nbd_export_create)."""
+    cur: Node | None = node
+    while cur is not None:
+        bm = core_bitmaps.find(cur, name)
+        if bm is not None:
+            break
+        child = cur.filtered or cur.cow_child()
+        cur = child.node if child is not None else None
+    else:
+        raise OptionError(f"Bitmap '{name}' is not found")
+    try:
+        bm.check(allow_ro=True)
+    except core_bitmaps.BitmapError as e:
+        raise OptionError(e.reason) from None
+    if not writable and not cur.read_only and cur.perm & Perm.WRITE and bm.enabled:
+        raise OptionError(f"Enabled bitmap '{name}' incompatible with readonly export")
+    return bm
+
+
+def _dirty_extents(bm: Any, offset: int, length: int, one: bool) -> list[tuple[int, int]]:
+    """``[(length, NBD_STATE_DIRTY or 0)]`` from the bitmap; past its end nothing is dirty."""
+    out: list[tuple[int, int]] = []
+    for _start, n, dirty in bm.extents(offset, length):
+        out.append((n, P.STATE_DIRTY if dirty else 0))
+        if one or len(out) >= MAX_EXTENTS:
+            return out
+    covered = sum(n for n, _ in out)
+    if covered < length:
+        if out and out[-1][1] == 0:
+            out[-1] = (out[-1][0] + length - covered, 0)
+        else:
+            out.append((length - covered, 0))
+    return out

@@ -1,0 +1,184 @@
+"""Persistent dirty bitmaps: read the bitmaps extension (docs/interop/qcow2.txt "Bitmaps extension") into
+core bitmaps at open, as qcow2_load_dirty_bitmaps does.
+
+What is read: the directory entries (name, granularity, flags) and, for a bitmap that is not ``in_use``,
+its bitmap table and data clusters. A bitmap marked ``in_use`` was not saved cleanly: it is loaded as
+inconsistent (its data is not read) and the core refuses to use it with QEMU's text. Bitmaps without the
+``auto`` flag are loaded disabled; on a read-only node every bitmap is read-only.
+
+Nothing is written back: the driver clears the "bitmaps" autoclear bit when it opens an image read-write,
+which is how the spec tells every later reader that the bitmaps on disk are stale.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from blockgraph import bitmaps as core_bitmaps
+from blockgraph.errors import OpenError
+
+from .constants import AUTOCLEAR_BITMAPS, EXT_BITMAPS
+from .header import Header
+
+MAX_BITMAPS = 65535
+MAX_DIRECTORY_SIZE = 1024 * MAX_BITMAPS
+MAX_TABLE_SIZE = 0x8000000
+MAX_PHYS_SIZE = 0x20000000
+MIN_GRANULARITY_BITS, MAX_GRANULARITY_BITS = 9, 31
+FLAG_IN_USE, FLAG_AUTO = 1 << 0, 1 << 1
+RESERVED_FLAGS = 0xFFFFFFFC
+ENTRY_RESERVED_MASK = 0xFF000000000001FE
+ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+ENTRY_ALL_ONES = 1
+_ENTRY = struct.Struct(">QIIBBHI")  # table offset, table size, flags, type, granularity bits, name size, extra
+
+
+class DirEntry:
+    """One bitmap directory entry as stored."""
+
+    __slots__ = ("flags", "granularity_bits", "name", "table_offset", "table_size")
+
+    def __init__(self, name: str, table_offset: int, table_size: int, flags: int, granularity_bits: int) -> None:
+        self.name, self.table_offset, self.table_size = name, table_offset, table_size
+        self.flags, self.granularity_bits = flags, granularity_bits
+
+
+def extension(h: Header) -> tuple[int, int, int] | None:
+    """(nb_bitmaps, directory_size, directory_offset) when the extension is present and consistent."""
+    e = h.ext(EXT_BITMAPS)
+    if e is None:
+        return None
+    if len(e.data) != 24:
+        raise OpenError("bitmaps_ext: Invalid extension length")
+    nb, reserved, size, offset = struct.unpack(">IIQQ", e.data)
+    if reserved:
+        raise OpenError("bitmaps_ext: Reserved field is not zero")
+    if not h.autoclear_features & AUTOCLEAR_BITMAPS:
+        return None  # written by a program that did not maintain them: ignored, as QEMU does
+    if nb > MAX_BITMAPS:
+        raise OpenError(f"bitmaps_ext: Image has {nb} bitmaps, exceeding the QEMU supported maximum of "
+                        f"{MAX_BITMAPS}")
+    if nb == 0:
+        raise OpenError("found bitmaps extension with zero bitmaps")
+    if offset % h.cluster_size:
+        raise OpenError("bitmaps_ext: invalid bitmap directory offset")
+    if size > MAX_DIRECTORY_SIZE:
+        raise OpenError(f"bitmaps_ext: bitmap directory size ({size}) exceeds the maximum supported size "
+                        f"({MAX_DIRECTORY_SIZE})")
+    return nb, size, offset
+
+
+def _entry_ok(e: DirEntry, typ: int, cluster_size: int, length: int) -> bool:
+    """check_dir_entry: the constraints a usable entry satisfies."""
+    if (not e.table_size or not e.table_offset or e.table_offset % cluster_size or e.table_size > MAX_TABLE_SIZE
+            or not MIN_GRANULARITY_BITS <= e.granularity_bits <= MAX_GRANULARITY_BITS
+            or e.flags & RESERVED_FLAGS or typ != 1):
+        return False
+    phys = e.table_size * cluster_size
+    if phys > MAX_PHYS_SIZE:
+        return False
+    return bool(e.flags & FLAG_IN_USE) or length <= (phys * 8) << e.granularity_bits
+
+
+def parse_directory(d: bytes, nb: int, cluster_size: int, length: int) -> list[DirEntry]:
+    """The entries of directory bytes ``d``, validated (bitmap_list_load's checks and texts)."""
+    out: list[DirEntry] = []
+    pos = 0
+    while pos < len(d):
+        if pos + _ENTRY.size > len(d):
+            raise OpenError("Broken bitmap directory")
+        if len(out) + 1 > nb:
+            raise OpenError("More bitmaps found than specified in header extension")
+        toff, tsize, flags, typ, gbits, name_size, extra = _ENTRY.unpack_from(d, pos)
+        step = -(-(_ENTRY.size + name_size + extra) // 8) * 8
+        if pos + step > len(d):
+            raise OpenError("Broken bitmap directory")
+        if extra:
+            raise OpenError("Bitmap extra data is not supported")
+        raw = d[pos + _ENTRY.size:pos + _ENTRY.size + name_size]
+        name = raw.decode("utf-8", "replace")
+        e = DirEntry(name, toff, tsize, flags, gbits)
+        if name_size > core_bitmaps.MAX_NAME_SIZE or not _entry_ok(e, typ, cluster_size, length):
+            raise OpenError(f"Bitmap '{name}' doesn't satisfy the constraints")
+        out.append(e)
+        pos += step
+    if len(out) != nb:
+        raise OpenError("Less bitmaps found than specified in header extension")
+    return out
+
+
+async def read_directory(file: Any, h: Header) -> list[DirEntry]:
+    ext = extension(h)
+    if ext is None:
+        return []
+    nb, size, offset = ext
+    if size == 0:
+        raise OpenError("Requested bitmap directory size is zero")
+    if offset + size > file.getlength():
+        raise OpenError("Broken bitmap directory")
+    buf = bytearray(size)
+    await file.preadv(offset, memoryview(buf))
+    return parse_directory(bytes(buf), nb, h.cluster_size, h.size)
+
+
+async def _load_data(file: Any, e: DirEntry, bm: core_bitmaps.DirtyBitmap, cluster_size: int) -> None:
+    """Fill ``bm`` from the bitmap table: each entry covers one cluster of bits (all zeros, all ones, or data)."""
+    need = -(-len(bm.bits) // cluster_size) if bm.bits else 0
+    # QEMU serialises whole 64-bit words; the table size must match what that needs.
+    words = -(-bm.granules // 64) * 8
+    if -(-words // cluster_size) != e.table_size or need > e.table_size:
+        raise OpenError(f"Could not read bitmap '{e.name}' from image: Invalid argument")
+    if e.table_offset + e.table_size * 8 > file.getlength():
+        raise OpenError(f"Could not read bitmap_table table from image for bitmap '{e.name}': Invalid argument")
+    raw = bytearray(e.table_size * 8)
+    await file.preadv(e.table_offset, memoryview(raw))
+    table = struct.unpack(f">{e.table_size}Q", raw)
+    for entry in table:
+        off = entry & ENTRY_OFFSET_MASK
+        if entry & ENTRY_RESERVED_MASK or (off and (entry & ENTRY_ALL_ONES or off % cluster_size)):
+            raise OpenError(f"Could not read bitmap_table table from image for bitmap '{e.name}': "
+                            f"Invalid argument")
+    bits = bm.bits
+    flen = file.getlength()
+    for i, entry in enumerate(table):
+        lo = i * cluster_size
+        if lo >= len(bits):
+            break
+        hi = min(lo + cluster_size, len(bits))
+        off = entry & ENTRY_OFFSET_MASK
+        if off:
+            if off + cluster_size > flen:
+                raise OpenError(f"Could not read bitmap '{e.name}' from image: Input/output error")
+            await file.preadv(off, memoryview(bits)[lo:hi])
+        elif entry & ENTRY_ALL_ONES:
+            bits[lo:hi] = b"\xff" * (hi - lo)
+    tail = bm.granules & 7
+    if tail and bits:
+        bits[-1] &= (1 << tail) - 1  # bits past the end are not part of the bitmap
+
+
+async def load(driver: Any, h: Header) -> None:
+    """Create the image's persistent bitmaps on the driver's node (called from the driver's open)."""
+    entries = await read_directory(driver.file, h)
+    if not entries:
+        return
+    node = driver.node.graph_node
+    created = []
+    try:
+        for e in entries:
+            bm = core_bitmaps.DirtyBitmap(e.name, 1 << e.granularity_bits, h.size, persistent=True,
+                                          enabled=bool(e.flags & FLAG_AUTO))
+            if core_bitmaps.find(node, e.name) is not None:
+                raise OpenError(f"Bitmap already exists: {e.name}")
+            if e.flags & FLAG_IN_USE:
+                bm.inconsistent, bm.enabled = True, False  # not saved cleanly: its data is not read
+            else:
+                await _load_data(driver.file, e, bm, h.cluster_size)
+            bm.readonly = driver.read_only
+            node.dirty_bitmaps.insert(0, bm)
+            created.append(bm)
+    except BaseException:
+        for bm in created:
+            node.dirty_bitmaps.remove(bm)
+        raise
