@@ -185,6 +185,13 @@ class BlockBackend:
         self.stats["wr_bytes"] += len(buf)
         self.stats["wr_operations"] += 1
 
+    async def pwrite_compressed(self, offset: int, buf: memoryview) -> None:
+        """Store ``buf`` compressed (qemu-io's ``write -c``, blk_pwrite_compressed); the format checks alignment."""
+        node = self._check(offset, len(buf), True, "write")
+        if not getattr(node.driver, "supported_write_flags", ReqFlags.NONE) & ReqFlags.WRITE_COMPRESSED:
+            raise BlockIOError(errno.ENOTSUP, node=node.name, op="write", offset=offset, length=len(buf))
+        await self.pwritev(offset, buf, ReqFlags.WRITE_COMPRESSED)
+
     async def pwrite_zeroes(self, offset: int, length: int, flags: ReqFlags = ReqFlags.NONE) -> None:
         if self._quiesce:
             await self._wait_quiesced()
