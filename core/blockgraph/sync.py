@@ -56,6 +56,7 @@ class _Resume:
 
 _DIRECT_MIN = 256 * 1024  # below this, copying the result costs less than the ctypes set-up
 _new_bytes: Any = None
+_view_of: Any = None
 
 
 def _fresh_bytes(n: int) -> tuple[bytes, memoryview] | None:
@@ -64,18 +65,20 @@ def _fresh_bytes(n: int) -> tuple[bytes, memoryview] | None:
     This is the C API's ``PyBytes_FromStringAndSize(NULL, n)`` then fill: ``read`` returns ``bytes``, and
     reading into a bytearray then copying it costs a second pass over every byte of a large read.
     """
-    global _new_bytes
+    global _new_bytes, _view_of
     if n < _DIRECT_MIN or sys.implementation.name != "cpython":
         return None
-    import ctypes
-
     if _new_bytes is None:
-        fn = ctypes.pythonapi.PyBytes_FromStringAndSize
-        fn.restype, fn.argtypes = ctypes.py_object, (ctypes.c_void_p, ctypes.c_ssize_t)
-        _new_bytes = fn
+        import ctypes
+
+        api = ctypes.pythonapi
+        new, view = api.PyBytes_FromStringAndSize, api.PyMemoryView_FromMemory
+        new.restype, new.argtypes = ctypes.py_object, (ctypes.c_void_p, ctypes.c_ssize_t)
+        view.restype, view.argtypes = ctypes.py_object, (ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int)
+        _new_bytes, _view_of = new, view
     b = _new_bytes(None, n)
-    data = (ctypes.c_char * n).from_address(id(b) + bytes.__basicsize__ - 1)  # ob_sval
-    return b, memoryview(data).cast("B")
+    # ob_sval starts one byte before the end of the fixed part; 0x200 is PyBUF_WRITE.
+    return b, _view_of(id(b) + bytes.__basicsize__ - 1, n, 0x200)
 
 
 async def _finish(coro: Coroutine[Any, Any, T], first: Any) -> T:
