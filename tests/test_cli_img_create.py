@@ -121,3 +121,20 @@ def test_not_installed_format_names_its_distribution(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("BLOCKGRAPH_LOAD_PLUGINS", "blockgraph-file,blockgraph-raw")
     r = img("create", "-f", "qcow2", "x.img", "1M")
     assert r.rc == 1 and "blockgraph-qcow2" in r.err and r.err.startswith("qemu-img: x.img: ")
+
+
+@pytest.mark.parametrize(("args", "err"), [
+    (["-f", "vmdk", "-b", "src.raw", "-F", "vmdk", "new.vmdk"], "new.vmdk: invalid VMDK image descriptor"),
+    (["-f", "vmdk", "-b", "src.raw", "-F", "qcow2", "sub/new.vmdk"], "sub/new.vmdk: Image is not in qcow2 format"),
+    (["-f", "vmdk", "-b", "missing.raw", "-F", "raw", "sub/new.vmdk"],
+     "sub/new.vmdk: Could not open 'sub/missing.raw': No such file or directory"),
+])
+def test_unusable_backing_file_as_qemu_img(args: list[str], err: str) -> None:
+    """bdrv_img_create prints the open error itself, not qemu-img's "Could not open 'F': " around it."""
+    os.mkdir("sub")
+    for d in (".", "sub"):
+        with open(f"{d}/src.raw", "wb") as f:
+            f.truncate(1 << 20)
+    r = img("create", *args)
+    assert (r.rc, r.out, r.err) == (1, "", f"qemu-img: {err}\nCould not open backing image.\n")
+    assert not os.path.exists(args[-1])

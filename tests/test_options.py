@@ -286,7 +286,8 @@ def test_bad_options_name_node_driver_and_option(tsession: Any, bg_runner: Any, 
     assert (err.driver, err.option) == (driver, option)
     assert err.node == ("top" if driver == "raw" else err.node)
     assert err.node and err.node.startswith("top" if driver == "raw" else "#block")
-    assert f"driver '{driver}'" in str(err) and f"option '{option}'" in str(err) and f"node '{err.node}'" in str(err)
+    # The message is QEMU's where QEMU has one: it names the option, never a generated node.
+    assert f"'{option}'" in str(err) and "#block" not in str(err)
     assert tsession.nodes == {}  # nothing stays open
 
 

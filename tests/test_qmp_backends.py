@@ -149,7 +149,7 @@ def test_exports_dispatch_to_the_plugin_type() -> None:
     listed, dup, missing_node, refused, deleted, left, _ = run(body)
     assert listed == [{"id": "e0", "type": "fake", "node-name": "n0", "shutting-down": False}]
     assert dup == ("GenericError", "Block export id 'e0' is already in use")
-    assert missing_node == ("GenericError", "Cannot find device='zz' nor node-name='zz'")
+    assert missing_node == ("GenericError", "Cannot find device='' nor node-name='zz'")  # as qemu-storage-daemon
     assert refused == ("GenericError", "fake export refused")
     assert deleted == "hard" and left == {}
 

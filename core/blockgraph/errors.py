@@ -18,16 +18,17 @@ class OptionError(BlockGraphError):
     """An option is unknown, ill-typed or out of range."""
 
     def __init__(self, reason: str, *, node: str | None = None, driver: str | None = None,
-                 option: str | None = None) -> None:
+                 option: str | None = None, bare: bool = False) -> None:
+        """``bare``: ``reason`` is QEMU's complete text, which names the option itself; no "where" prefix."""
         self.node, self.driver, self.option, self.reason = node, driver, option, reason
         where = []
-        if node:
+        if node and not node.startswith("#"):  # QEMU never shows a generated node name (#block001)
             where.append(f"node '{node}'")
         if driver:
             where.append(f"driver '{driver}'")
         if option:
             where.append(f"option '{option}'")
-        super().__init__(f"{', '.join(where)}: {reason}" if where else reason)
+        super().__init__(f"{', '.join(where)}: {reason}" if where and not bare else reason)
 
 
 class DriverNotFound(BlockGraphError):

@@ -87,8 +87,11 @@ def blockgraph_register_qmp_commands(register: Any) -> None:
 
 @hookspec
 def blockgraph_register_cli(register: Any) -> None:
-    """Register CLI subcommands: ``register(target, *, name, help)``, ``target`` being a module
-    (or ``"module"``) with ``add_arguments(parser)`` and ``main(args) -> int``. Plain hook."""
+    """Register CLI subcommands: ``register(target, *, name, help)``, ``target`` being a module (or
+    ``"module"`` / ``"module:attr"``) with ``main(argv: list[str], host: PluginHost) -> int``: ``blockgraph NAME
+    ARGS...`` calls it with ``ARGS`` (the words after the subcommand name, unparsed: the module parses them
+    itself) and the PluginHost the CLI built; the return value is the exit status (None counts as 0).
+    ``help`` is the line ``blockgraph --help`` shows. Plain hook."""
 
 
 @hookspec(historic=True)

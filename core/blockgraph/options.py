@@ -285,6 +285,7 @@ def optional(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def convert_optional(value: Any) -> Any:
         return None if value is None else convert(value)
 
+    convert_optional.inner = convert  # type: ignore[attr-defined]  # for qemu_value_error
     return convert_optional
 
 
@@ -320,9 +321,31 @@ def option_fields(cls: type) -> dict[str, attrs.Attribute]:
     return {option_key(f): f for f in attrs.fields(cls)}
 
 
+def qemu_value_error(convert: Any, key: str, value: Any) -> str | None:
+    """QemuOpts' text for a string value it refuses (sizes, booleans, numbers); None for other converters."""
+    if not isinstance(value, str):
+        return None
+    convert = getattr(convert, "inner", convert)
+    if convert is parse_size:
+        if _SIZE_RE.match(value):
+            return f"Value '{value}' is out of range for parameter '{key}'"
+        return (f"Parameter '{key}' expects a non-negative number below 2^64\n"
+                "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+                "and exabytes, respectively.")
+    if convert is parse_bool:
+        return f"Parameter '{key}' expects 'on' or 'off'"
+    if convert is parse_int:
+        return f"Parameter '{key}' expects a number"
+    return None
+
+
 def structure(cls: type, values: Mapping[str, Any], *, node: str | None = None,
-              driver: str | None = None) -> Any:
-    """Build an options object from a (nested) mapping, naming node, driver and key on any error."""
+              driver: str | None = None, kind: str | None = None) -> Any:
+    """Build an options object from a (nested) mapping, naming node, driver and key on any error.
+
+    ``kind`` ("format", "protocol", "filter", "common"): ``cls`` holds node options, so an unknown key and a
+    malformed size, boolean or number get QEMU's own texts (which name the option) instead.
+    """
     fields = option_fields(cls)
     kwargs: dict[str, Any] = {}
     for key, value in flatten(values).items():
@@ -334,12 +357,18 @@ def structure(cls: type, values: Mapping[str, Any], *, node: str | None = None,
                 if prefix in fields:  # an object or list given for a scalar option
                     raise OptionError(f"Invalid parameter type for '{prefix}', expected: scalar",
                                       node=node, driver=driver, option=prefix)
+            if kind is not None and driver:  # bdrv_open_common's texts (sic: "doesn't" for protocols)
+                text = (f"Block protocol '{driver}' doesn't support the option '{key}'" if kind == "protocol"
+                        else f"Block format '{driver}' does not support the option '{key}'")
+                raise OptionError(text, node=node, driver=driver, option=key, bare=True)
             raise OptionError(f"Invalid parameter '{key}'", node=node, driver=driver, option=key)
         if field.converter is not None:
             try:
                 value = field.converter(value)
             except (TypeError, ValueError) as e:
-                raise OptionError(str(e), node=node, driver=driver, option=key) from None
+                text = qemu_value_error(field.converter, key, value) if kind is not None else None
+                raise OptionError(text or str(e), node=node, driver=driver, option=key,
+                                  bare=text is not None) from None
         kwargs[field.name] = value
     for key, field in fields.items():
         if field.name not in kwargs and field.default is attrs.NOTHING:

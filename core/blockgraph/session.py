@@ -147,7 +147,7 @@ class Session:
             raise OptionError("Parameter 'driver' is missing", node=options.get("node-name"))
         common_tree, rest = _split_common(options)
         name_given = common_tree.get("node-name")
-        common = structure(NodeOptions, common_tree, node=name_given, driver=str(options["driver"]))
+        common = structure(NodeOptions, common_tree, node=name_given, driver=str(options["driver"]), kind="common")
         cls = self.registry.driver(common.driver)
         name = self._new_name() if common.node_name is None else common.node_name
         if common.node_name is not None:
@@ -171,7 +171,7 @@ class Session:
         child_keys = set(getattr(cls, "child_options", ()))
         specs = {k: v for k, v in rest.items() if k in child_keys}
         driver_opts = structure(cls.Options, {k: v for k, v in rest.items() if k not in child_keys},
-                                node=name, driver=common.driver)
+                                node=name, driver=common.driver, kind=DriverKind(cls.kind).value)
         node = Node(name=name, driver=cls(), session=self, kind=DriverKind(cls.kind),
                     read_only=common.read_only, generated_name=common.node_name is None,
                     options=driver_opts, common=common)

@@ -90,8 +90,9 @@ def check_value(field: Any, key: str, value: str) -> None:
         try:
             field.converter(value)
         except ValueError:
-            raise BlockGraphErrorText(SIZE_HELP if key == "size" else
-                                      f"Parameter '{key}' expects a non-negative number below 2^64") from None
+            from ..options import qemu_value_error
+
+            raise BlockGraphErrorText(qemu_value_error(field.converter, key, value) or SIZE_HELP) from None
     elif kind == "bool (on/off)" and value not in ("on", "off", "yes", "no", "true", "false", "y", "n"):
         raise BlockGraphErrorText(f"Parameter '{key}' expects 'on' or 'off'")
 
@@ -189,16 +190,17 @@ async def _create(session: Session, filename: str, fmt: str, options: str | None
             values[key] = value
     backing = values.get("backing_file", backing)
     if backing and not unsafe:
-        try:
-            from ..backing import full_backing_filename
+        from ..backing import full_backing_filename
 
-            # Relative to the new image, as the image will name it (bdrv_get_full_backing_filename_from_filename).
-            node = await open_node(session, full_backing_filename(filename, backing, session.registry),
-                                   fmt=values.get("backing_fmt"), read_only=True, force_share=True)
+        # Relative to the new image, as the image will name it (bdrv_get_full_backing_filename_from_filename).
+        full = full_backing_filename(filename, backing, session.registry)
+        try:
+            node = await open_node(session, full, fmt=values.get("backing_fmt"), read_only=True, force_share=True)
         except ImgExit as e:
-            reason = e.lines[0].split(": ", 1)[-1] if e.lines else ""
-            raise BlockGraphErrorText(f"Could not open '{backing}': {reason}\nCould not open backing image.") \
-                from None
+            # bdrv_img_create prints bdrv_open's own error, without qemu-img's "Could not open 'F': " prefix
+            # (a missing file still says "Could not open 'dir/name': ...": that is file's text).
+            reason = "\n".join(e.lines).removeprefix(f"Could not open '{full}': ")
+            raise BlockGraphErrorText(f"{reason}\nCould not open backing image.") from None
         if "backing_fmt" not in values:
             raise BlockGraphErrorText(f"Backing file specified without backing format\n"
                                       f"Detected format of {node.driver_name}.")

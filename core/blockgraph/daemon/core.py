@@ -170,8 +170,10 @@ class Daemon:
         target = self.export_type(str(options["type"]))
         if export_id in self.exports:
             raise QMPError(f"Block export id '{export_id}' is already in use")
+        if node_name not in self.session.nodes and node_name not in self.session.backends:
+            raise QMPError(f"Cannot find device='' nor node-name='{node_name}'")  # blk_exp_add's text
+        # blockgraph also takes a backend's name (serve --drive id=...); the export gets the node's own name.
         node = self.lookup(node_name, node_name)
-        # QEMU's bdrv_lookup_bs takes a backend name too; the export type is handed the node's own name.
         export = await _maybe_await(target.create(self, {**options, "node-name": node.name}))
         self.exports[export_id] = export
         if getattr(export, "blk", None) is not None:

@@ -24,6 +24,7 @@ async def block_export_del(daemon: Any, args: dict[str, Any]) -> None:
 
 @command("query-block-exports", {})
 def query_block_exports(daemon: Any, args: dict[str, Any]) -> list[dict[str, Any]]:
+    # Newest first: QEMU inserts each export at the head of its list.
     return [{"id": export_id, "type": getattr(export, "type", "?"), "node-name": getattr(export, "node_name", ""),
              "shutting-down": bool(getattr(export, "shutting_down", False))}
-            for export_id, export in daemon.exports.items()]
+            for export_id, export in reversed(daemon.exports.items())]

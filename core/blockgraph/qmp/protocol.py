@@ -49,8 +49,10 @@ def from_exception(e: BaseException) -> QMPError:
     if isinstance(e, DriverNotFound) and e.dist is None:
         return QMPError(f"Parameter 'driver' does not accept value '{e.driver}'")
     if isinstance(e, OptionError):
-        m = re.fullmatch(r"Invalid parameter '([^']*)'", e.reason)
-        if m:
+        m = (re.fullmatch(r"Invalid parameter '([^']*)'", e.reason)
+             or re.fullmatch(r"Block (?:format|protocol) '[^']*' does(?:n't| not) support the option '([^']*)'",
+                             e.reason))
+        if m:  # QAPI refuses an unknown member before any driver sees it
             return QMPError(f"Parameter '{m.group(1)}' is unexpected")
         m = re.fullmatch(r"Parameter '([^']*)' is required", e.reason)
         if m:
