@@ -15,6 +15,7 @@ from blockgraph.perms import ChildRole
 from . import compress
 from .amend import AmendMixin
 from .bitmaps import load as load_bitmaps
+from .bitmaps import store as store_bitmaps
 from .check import CheckMixin
 from .constants import (
     AUTOCLEAR_DATA_FILE_RAW,
@@ -100,10 +101,9 @@ class Qcow2Driver(WriteMixin, FullDiscardMixin, ResizeMixin, CheckMixin, Snapsho
         self._init_write_state()
         if h.dirty and not self.read_only:
             await self._repair_dirty()
-        await load_bitmaps(self, h)  # persistent dirty bitmaps, before the autoclear bit is dropped
-        keep = h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW
+        keep = h.autoclear_features & (AUTOCLEAR_DATA_FILE_RAW | await load_bitmaps(self, h))
         if not self.read_only and h.autoclear_features != keep:
-            # Bitmaps are not maintained here: clearing their autoclear bit tells readers they are stale.
+            # Unknown autoclear bits are dropped (bitmaps.load keeps its bit when it maintains the bitmaps).
             h.autoclear_features = keep
             await img.write_header()
             await self.file.flush()
@@ -163,6 +163,7 @@ class Qcow2Driver(WriteMixin, FullDiscardMixin, ResizeMixin, CheckMixin, Snapsho
     async def close(self) -> None:
         if self._clean_task is not None:
             self._clean_task.cancel()
+        await store_bitmaps(self)  # before the file goes: bitmaps written back in place, in_use cleared
         if not self.read_only:
             try:
                 await self.img.flush_metadata()
@@ -182,7 +183,7 @@ class Qcow2Driver(WriteMixin, FullDiscardMixin, ResizeMixin, CheckMixin, Snapsho
         pos = 0
         while pos < n:
             m = await img.lookup(offset + pos, n - pos)
-            chunk = buf[pos:pos + m.length]
+            chunk = buf if pos == 0 and m.length == n else buf[pos:pos + m.length]
             t = m.type
             if t == ClusterType.NORMAL:
                 await self.data.preadv(m.host, chunk)
