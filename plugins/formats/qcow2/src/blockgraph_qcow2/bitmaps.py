@@ -6,8 +6,11 @@ its bitmap table and data clusters. A bitmap marked ``in_use`` was not saved cle
 inconsistent (its data is not read) and the core refuses to use it with QEMU's text. Bitmaps without the
 ``auto`` flag are loaded disabled; on a read-only node every bitmap is read-only.
 
-Nothing is written back: the driver clears the "bitmaps" autoclear bit when it opens an image read-write,
-which is how the spec tells every later reader that the bitmaps on disk are stale.
+On a read-write open the bitmaps are marked ``in_use`` on disk first, as QEMU does, so a crash leaves them
+inconsistent, never wrong. At close each one is written back into its table (existing data clusters reused,
+a new one allocated where a cluster of bits stops being all zeros or all ones) and its ``in_use`` flag
+cleared. A bitmap removed or resized meanwhile stays ``in_use``: QEMU then sees it as inconsistent, which is
+true, and the bitmaps directory stays valid. New persistent bitmaps are not added to the directory.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import struct
 from typing import Any
 
 from blockgraph import bitmaps as core_bitmaps
-from blockgraph.errors import OpenError
+from blockgraph.errors import BlockIOError, ImageCorrupt, OpenError
 
 from .constants import AUTOCLEAR_BITMAPS, EXT_BITMAPS
 from .header import Header
@@ -37,11 +40,22 @@ _ENTRY = struct.Struct(">QIIBBHI")  # table offset, table size, flags, type, gra
 class DirEntry:
     """One bitmap directory entry as stored."""
 
-    __slots__ = ("flags", "granularity_bits", "name", "table_offset", "table_size")
+    __slots__ = ("flags", "granularity_bits", "name", "pos", "table_offset", "table_size")
 
-    def __init__(self, name: str, table_offset: int, table_size: int, flags: int, granularity_bits: int) -> None:
+    def __init__(self, name: str, table_offset: int, table_size: int, flags: int, granularity_bits: int,
+                 pos: int = 0) -> None:
         self.name, self.table_offset, self.table_size = name, table_offset, table_size
-        self.flags, self.granularity_bits = flags, granularity_bits
+        self.flags, self.granularity_bits, self.pos = flags, granularity_bits, pos
+
+
+class Stored:
+    """A bitmap this driver keeps in sync with the image: its entry, table, and the core bitmap."""
+
+    __slots__ = ("bm", "entry", "flags_at", "size", "table")
+
+    def __init__(self, entry: DirEntry, table: list[int], bm: core_bitmaps.DirtyBitmap, flags_at: int,
+                 size: int) -> None:
+        self.entry, self.table, self.bm, self.flags_at, self.size = entry, table, bm, flags_at, size
 
 
 def extension(h: Header) -> tuple[int, int, int] | None:
@@ -98,7 +112,7 @@ def parse_directory(d: bytes, nb: int, cluster_size: int, length: int) -> list[D
             raise OpenError("Bitmap extra data is not supported")
         raw = d[pos + _ENTRY.size:pos + _ENTRY.size + name_size]
         name = raw.decode("utf-8", "replace")
-        e = DirEntry(name, toff, tsize, flags, gbits)
+        e = DirEntry(name, toff, tsize, flags, gbits, pos)
         if name_size > core_bitmaps.MAX_NAME_SIZE or not _entry_ok(e, typ, cluster_size, length):
             raise OpenError(f"Bitmap '{name}' doesn't satisfy the constraints")
         out.append(e)
@@ -122,7 +136,7 @@ async def read_directory(file: Any, h: Header) -> list[DirEntry]:
     return parse_directory(bytes(buf), nb, h.cluster_size, h.size)
 
 
-async def _load_data(file: Any, e: DirEntry, bm: core_bitmaps.DirtyBitmap, cluster_size: int) -> None:
+async def _load_data(file: Any, e: DirEntry, bm: core_bitmaps.DirtyBitmap, cluster_size: int) -> list[int]:
     """Fill ``bm`` from the bitmap table: each entry covers one cluster of bits (all zeros, all ones, or data)."""
     need = -(-len(bm.bits) // cluster_size) if bm.bits else 0
     # QEMU serialises whole 64-bit words; the table size must match what that needs.
@@ -156,15 +170,22 @@ async def _load_data(file: Any, e: DirEntry, bm: core_bitmaps.DirtyBitmap, clust
     tail = bm.granules & 7
     if tail and bits:
         bits[-1] &= (1 << tail) - 1  # bits past the end are not part of the bitmap
+    return list(table)
 
 
-async def load(driver: Any, h: Header) -> None:
-    """Create the image's persistent bitmaps on the driver's node (called from the driver's open)."""
+async def load(driver: Any, h: Header) -> int:
+    """Create the image's persistent bitmaps on the driver's node (called from the driver's open).
+
+    Returns the autoclear bit to keep: AUTOCLEAR_BITMAPS when this open maintains the bitmaps directory.
+    """
+    driver.qcow2_bitmaps = []
     entries = await read_directory(driver.file, h)
     if not entries:
-        return
+        return 0
     node = driver.node.graph_node
+    dir_offset = extension(h)[2]  # type: ignore[index]
     created = []
+    stored: list[Stored] = []
     try:
         for e in entries:
             bm = core_bitmaps.DirtyBitmap(e.name, 1 << e.granularity_bits, h.size, persistent=True,
@@ -174,11 +195,88 @@ async def load(driver: Any, h: Header) -> None:
             if e.flags & FLAG_IN_USE:
                 bm.inconsistent, bm.enabled = True, False  # not saved cleanly: its data is not read
             else:
-                await _load_data(driver.file, e, bm, h.cluster_size)
+                table = await _load_data(driver.file, e, bm, h.cluster_size)
+                stored.append(Stored(e, table, bm, dir_offset + e.pos + 12, h.size))
             bm.readonly = driver.read_only
             node.dirty_bitmaps.insert(0, bm)
             created.append(bm)
+        if driver.read_only:
+            return 0
+        if stored:
+            await _mark_in_use(driver.file, h, stored)
     except BaseException:
         for bm in created:
             node.dirty_bitmaps.remove(bm)
         raise
+    driver.qcow2_bitmaps = stored
+    return AUTOCLEAR_BITMAPS
+
+
+async def _write_autoclear(file: Any, value: int) -> None:
+    await file.pwritev(88, memoryview(struct.pack(">Q", value)))
+    await file.flush()
+
+
+async def _mark_in_use(file: Any, h: Header, stored: list[Stored]) -> None:
+    """QEMU's update in place: drop the autoclear bit, rewrite the flags, set the bit again (each synced)."""
+    await _write_autoclear(file, h.autoclear_features & ~AUTOCLEAR_BITMAPS)
+    for st in stored:
+        st.entry.flags |= FLAG_IN_USE
+        await file.pwritev(st.flags_at, memoryview(struct.pack(">I", st.entry.flags)))
+    await file.flush()
+    await _write_autoclear(file, h.autoclear_features)
+
+
+async def _new_table(img: Any, st: Stored, cluster_size: int) -> list[int]:
+    """The table for the bitmap's current bits: a cluster of all zeros (or all ones) needs no data, any other
+    one gets a data cluster (newly allocated when the entry had none) and is written there."""
+    bits = st.bm.bits
+    per = cluster_size * 8  # granules per table entry
+    table = list(st.table)
+    for i, entry in enumerate(table):
+        chunk = bytes(bits[i * cluster_size:(i + 1) * cluster_size])
+        off = entry & ENTRY_OFFSET_MASK
+        if not off:
+            n = max(0, min(per, st.bm.granules - i * per))
+            value = int.from_bytes(chunk, "little")
+            if value == 0 or (n and value == (1 << n) - 1):
+                table[i] = ENTRY_ALL_ONES if value else 0
+                continue
+            off = table[i] = await img.rc.alloc_clusters(1)
+        await img.file.pwritev(off, memoryview(chunk + bytes(cluster_size - len(chunk))))
+    return table
+
+
+async def store(driver: Any) -> None:
+    """Write back every bitmap that fits in place and clear its in_use flag (called from the driver's close)."""
+    stored: list[Stored] = getattr(driver, "qcow2_bitmaps", None) or []
+    if driver.read_only or not stored:
+        return
+    file, cs = driver.file, driver.cluster_size
+    node = driver.node.graph_node
+    present = {id(bm) for bm in node.dirty_bitmaps}
+    try:
+        done = []
+        for st in stored:
+            bm = st.bm
+            if id(bm) not in present or bm.inconsistent or bm.size != st.size:
+                continue
+            done.append((st, await _new_table(driver.img, st, cs)))
+        if not done:
+            return
+        # Data and the refcounts of new clusters reach the disk before a table points at them, and the
+        # tables before the flag that vouches for them.
+        await driver.img.rc.flush()
+        await file.flush()
+        for st, table in done:
+            if table != st.table:
+                await file.pwritev(st.entry.table_offset, memoryview(struct.pack(f">{len(table)}Q", *table)))
+        await file.flush()
+        for st, _ in done:
+            flags = (st.entry.flags & ~(FLAG_IN_USE | FLAG_AUTO)) | (FLAG_AUTO if st.bm.enabled else 0)
+            await file.pwritev(st.flags_at, memoryview(struct.pack(">I", flags)))
+        await file.flush()
+    except (BlockIOError, ImageCorrupt):
+        pass  # the bitmaps stay in_use: inconsistent, never wrong
+    finally:
+        driver.qcow2_bitmaps = []

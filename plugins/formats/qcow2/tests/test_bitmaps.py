@@ -1,0 +1,169 @@
+"""Persistent dirty bitmaps in qcow2 images made by qemu-img / qemu-io: loaded at open with QEMU's flags,
+marked in use while open read-write, written back at close so that qemu-img check / info and qemu-nbd see
+what QEMU itself would have left; broken directories refused with QEMU's texts."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import blockgraph.sync as bgsync
+import pytest
+
+TOOLS = ("qemu-img", "qemu-io", "qemu-nbd", "nbdinfo")
+pytestmark = pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),
+                                reason="qemu-utils (qemu-img, qemu-io, qemu-nbd) or libnbd-bin (nbdinfo) missing")
+BG = [sys.executable, "-m", "blockgraph.cli.main"]
+MiB = 1 << 20
+WRITES = ["write -P 1 0 1", "write -P 2 1M 100k", "write -z 5M 64k"]
+
+
+def run(*cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+
+def make(path: Path, *, writes: list[str] = WRITES) -> Path:
+    assert run("qemu-img", "create", "-q", "-f", "qcow2", str(path), "10M").returncode == 0
+    for args in (["b0"], ["b1", "-g", "4096"], ["b2", "--disable"]):
+        assert run("qemu-img", "bitmap", "--add", str(path), *args).returncode == 0
+    if writes:
+        cmd = ["qemu-io"]
+        for w in writes:
+            cmd += ["-c", w]
+        assert run(*cmd, str(path)).returncode == 0
+    return path
+
+
+def loaded(path: Path, read_only: bool = True) -> dict[str, tuple[dict, list[tuple[int, int]]]]:
+    with bgsync.open(str(path), read_only=read_only) as img:
+        return {bm.name: (bm.info(), [(s, n) for s, n, d in bm.extents(0, bm.size) if d])
+                for bm in img.blk.node.dirty_bitmaps}
+
+
+def dirty_map(path: Path, name: str, sock: Path) -> str:
+    srv = subprocess.Popen(["qemu-nbd", "-r", "-t", "-B", name, "-k", str(sock), str(path)],
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert srv.poll() is None, srv.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        res = run("nbdinfo", f"--map=qemu:dirty-bitmap:{name}", f"nbd+unix:///?socket={sock}")
+        assert res.returncode == 0, res.stderr
+        return res.stdout
+    finally:
+        srv.send_signal(signal.SIGTERM)
+        srv.wait(30)
+
+
+def info_bitmaps(path: Path) -> str:
+    out = run("qemu-img", "info", "-U", str(path)).stdout
+    return out[out.index("Format specific information:"):]
+
+
+def test_loaded_as_qemu_saved_them(tmp_path: Path) -> None:
+    got = loaded(make(tmp_path / "a.qcow2"))
+    assert list(got) == ["b2", "b1", "b0"]  # newest first: QEMU creates them in directory order at the head
+    b0, b1, b2 = got["b0"], got["b1"], got["b2"]
+    assert b0[1] == [(0, 65536), (MiB, 131072), (5 * MiB, 65536)]
+    assert b1[1] == [(0, 4096), (MiB, 102400), (5 * MiB, 65536)]
+    assert b2[1] == [] and b2[0]["recording"] is False
+    assert b0[0] == {"name": "b0", "recording": True, "persistent": True, "busy": False, "granularity": 65536,
+                     "count": 262144}
+
+
+def test_read_write_session_leaves_what_qemu_leaves(tmp_path: Path) -> None:
+    ours, theirs = make(tmp_path / "ours.qcow2"), make(tmp_path / "theirs.qcow2")
+    more = ["write -P 9 2M 4k", "write -P 9 9M 70k", "discard 1M 64k"]
+    cmd = ["io"]
+    for w in more:
+        cmd += ["-c", w]
+    assert subprocess.run([*BG, *cmd, str(ours)], capture_output=True, timeout=60).returncode == 0
+    cmd = ["qemu-io"]
+    for w in more:
+        cmd += ["-c", w]
+    assert run(*cmd, str(theirs)).returncode == 0
+    check = run("qemu-img", "check", str(ours))
+    assert check.returncode == 0 and "No errors were found on the image." in check.stdout
+    assert info_bitmaps(ours) == info_bitmaps(theirs)
+    assert "in-use" not in info_bitmaps(ours)
+    for name in ("b0", "b1", "b2"):
+        assert dirty_map(ours, name, tmp_path / f"o{name}.sock") == dirty_map(theirs, name, tmp_path / f"t{name}")
+    assert run("qemu-img", "compare", str(ours), str(theirs)).returncode == 0
+
+
+def test_fresh_bitmap_gets_a_data_cluster(tmp_path: Path) -> None:
+    ours = make(tmp_path / "fresh.qcow2", writes=[])
+    with bgsync.open(str(ours)) as img:
+        img.write(3 * MiB, b"x" * 10)
+    assert run("qemu-img", "check", str(ours)).returncode == 0
+    got = loaded(ours)
+    assert got["b0"][1] == [(3 * MiB, 65536)] and got["b1"][1] == [(3 * MiB, 4096)] and got["b2"][1] == []
+
+
+def test_in_use_while_open_and_inconsistent_after_a_crash(tmp_path: Path) -> None:
+    path = make(tmp_path / "crash.qcow2")
+    code = ("import blockgraph.sync as s, sys, time\n"
+            f"img = s.open({str(path)!r})\nprint('open', flush=True)\ntime.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "open\n"
+        assert info_bitmaps(path).count("in-use") == 3  # as QEMU marks them on a read-write open
+    finally:
+        proc.kill()
+        proc.wait(30)
+    got = loaded(path)
+    assert all(info.get("inconsistent") is True and info["recording"] is False for info, _ in got.values())
+    assert run("qemu-img", "check", str(path)).returncode == 0
+    res = subprocess.run([*BG, "nbd", "-r", "-B", "b0", "-k", str(tmp_path / "x.sock"), str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1
+    assert res.stderr.splitlines()[-1] == "qemu-nbd: Bitmap 'b0' is inconsistent and cannot be used"
+
+
+def test_ignored_when_the_autoclear_bit_is_clear(tmp_path: Path) -> None:
+    path = make(tmp_path / "old.qcow2")
+    with open(path, "r+b") as f:
+        f.seek(88)
+        auto = struct.unpack(">Q", f.read(8))[0]
+        f.seek(88)
+        f.write(struct.pack(">Q", auto & ~1))
+    assert loaded(path) == {}
+
+
+def _directory(path: Path) -> int:
+    d = path.read_bytes()[:65536]
+    pos = struct.unpack_from(">I", d, 100)[0]
+    while True:
+        typ, length = struct.unpack_from(">II", d, pos)
+        if typ == 0x23852875:
+            return pos
+        assert typ != 0
+        pos += 8 + (length + 7) // 8 * 8
+
+
+@pytest.mark.parametrize("where,value", [("gbits", 40), ("nb", 2), ("nb", 4), ("flags", 0x10), ("type", 2)])
+def test_broken_directory_refused_as_qemu(tmp_path: Path, where: str, value: int) -> None:
+    path = make(tmp_path / "bad.qcow2", writes=[])
+    ext = _directory(path)
+    data = bytearray(path.read_bytes())
+    _, _, _, off = struct.unpack_from(">IIQQ", data, ext + 8)
+    if where == "nb":
+        struct.pack_into(">I", data, ext + 8, value)
+    elif where == "gbits":
+        data[off + 17] = value
+    elif where == "flags":
+        struct.pack_into(">I", data, off + 12, value)
+    else:
+        data[off + 16] = value
+    path.write_bytes(data)
+    theirs = run("qemu-img", "info", str(path))
+    ours = subprocess.run([*BG, "img", "info", str(path)], capture_output=True, text=True, timeout=60)
+    assert theirs.returncode == ours.returncode == 1
+    assert ours.stderr.splitlines()[0] == theirs.stderr.splitlines()[0]
