@@ -12,7 +12,7 @@ from blockgraph.driver import CheckFix, CheckResult, Concurrency, DriverKind, Re
 from blockgraph.errors import ImageCorrupt, NotSupported, OpenError
 from blockgraph.perms import ChildRole
 
-from .create import VhdxCreateOptions, create_image
+from .create import VhdxCreateOptions
 from .journal import Log
 from .locator import parent_path
 from .metadata import Layout, read_headers, read_layout
@@ -60,6 +60,8 @@ class VhdxDriver:
 
     @classmethod
     async def create(cls, session: Any, filename: str, options: VhdxCreateOptions) -> None:
+        from .create import create_image
+
         await create_image(session, filename, options)
 
     # ------------------------------------------------------------------ open / close

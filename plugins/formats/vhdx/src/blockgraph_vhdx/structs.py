@@ -9,7 +9,6 @@ import struct
 import uuid
 
 import attrs
-import crc32c as _crc32c
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 
@@ -49,7 +48,10 @@ SB_NOT_PRESENT, SB_PRESENT = 0, 6
 
 
 def crc32c(data: bytes | bytearray | memoryview, value: int = 0) -> int:
-    return _crc32c.crc32c(data, value)
+    # Imported on first use: the package pulls in importlib.metadata (~15 ms), and probing imports this module.
+    from crc32c import crc32c as _crc32c
+
+    return _crc32c(data, value)
 
 
 def checksum_with_hole(buf: bytes | bytearray | memoryview, at: int = 4) -> int:
