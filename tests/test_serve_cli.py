@@ -104,6 +104,30 @@ def test_other_signals_shut_down_cleanly(tmp_path: Path, sig: int) -> None:
     assert not Path(d.pidfile).exists() and not Path(d.socket).exists()
 
 
+SIGNAL_AT_PIDFILE = """
+import os, signal, sys
+from blockgraph.daemon import run
+from blockgraph.cli.main import main
+
+class PidFile(run.PidFile):  # signals the daemon the moment its pid file exists, as a harness may
+    def __init__(self, path):
+        super().__init__(path)
+        os.kill(os.getpid(), signal.SIGHUP)
+
+run.PidFile = PidFile
+sys.exit(main(["serve", "--blockdev", "null-co,node-name=n", "--pidfile", sys.argv[1]]))
+"""
+
+
+def test_a_signal_right_after_the_pid_file_shuts_down_cleanly(tmp_path: Path) -> None:
+    """The handlers are in place before the pid file tells anyone the daemon is there."""
+    pidfile = tmp_path / "s.pid"
+    r = subprocess.run([BLOCKGRAPH[0], "-c", SIGNAL_AT_PIDFILE, str(pidfile)], capture_output=True, text=True,
+                       timeout=30, stdin=subprocess.DEVNULL)
+    assert (r.returncode, r.stderr) == (0, "")
+    assert not pidfile.exists()
+
+
 def _qmp(sock: str, *commands: dict) -> list[dict]:
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(20)
@@ -133,6 +157,34 @@ def test_daemonize_returns_once_ready_and_the_child_serves(tmp_path: Path) -> No
         while pidfile.exists() and time.monotonic() < deadline:
             time.sleep(0.02)
         assert not pidfile.exists()
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_daemonize_removes_a_relative_nbd_socket_at_exit(tmp_path: Path) -> None:
+    """--daemonize moves to "/": the --nbd-server socket path was made absolute when it was bound."""
+    sock, pidfile = tmp_path / "d.sock", tmp_path / "d.pid"
+    r = subprocess.run([*BLOCKGRAPH, "--daemonize", "--blockdev", "null-co,node-name=n0",
+                        "--nbd-server", "addr.type=unix,addr.path=rel.sock",
+                        "--chardev", f"socket,id=m,path={sock},server=on,wait=off", "--monitor", "m",
+                        "--pidfile", str(pidfile)], capture_output=True, text=True, timeout=30,
+                       stdin=subprocess.DEVNULL, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    pid = int(pidfile.read_text())
+    try:
+        assert (tmp_path / "rel.sock").exists()
+        _qmp(str(sock), {"execute": "qmp_capabilities"}, {"execute": "quit"})
+        deadline = time.monotonic() + 20
+        while pidfile.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not pidfile.exists()
+        deadline = time.monotonic() + 20
+        while (tmp_path / "rel.sock").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not (tmp_path / "rel.sock").exists()
     finally:
         try:
             os.kill(pid, signal.SIGKILL)

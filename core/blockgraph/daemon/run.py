@@ -90,15 +90,16 @@ async def serve(host: PluginHost, options: list[tuple[str, str]], *, daemonized:
                 return 1
         if setup.printed_help:
             return 0
+        # Handlers first: whoever waits for the pid file (a supervisor, the test harness) may signal at once.
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, daemon.request_shutdown, "host-signal")
         if setup.pidfile is not None:
             try:
                 pidfile = PidFile(setup.pidfile)
             except OSError as e:
                 print(f"{PROG}: cannot create PID file: {e}", file=sys.stderr)
                 return 1
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.add_signal_handler(sig, daemon.request_shutdown, "host-signal")
         if ready is not None:
             ready(True)
             ready = None

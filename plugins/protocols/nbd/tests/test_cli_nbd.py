@@ -234,6 +234,14 @@ def test_fork_and_pid_file(image: Path, tmp_path: Path) -> None:
         time.sleep(0.02)
 
 
+def test_fork_refuses_a_relative_socket_as_qemu_nbd(image: Path, tmp_path: Path) -> None:
+    """qemu-nbd --fork refuses ``-k rel.sock`` (the daemon moves to "/"); nothing is left behind."""
+    res = subprocess.run([*BLOCKGRAPH, "nbd", "--fork", "-k", "rel.sock", "-f", "raw", str(image)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert (res.returncode, res.stderr) == (1, "qemu-nbd: socket path must be absolute\n")
+    assert not (tmp_path / "rel.sock").exists()
+
+
 def test_fork_relays_errors(tmp_path: Path) -> None:
     res = subprocess.run([*BLOCKGRAPH, "nbd", "--fork", "-k", str(tmp_path / "x.sock"), "-f", "raw",
                           str(tmp_path / "missing.raw")], capture_output=True, text=True, timeout=60)

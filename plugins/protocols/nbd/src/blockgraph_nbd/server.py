@@ -137,7 +137,8 @@ class NbdServer:
             s.close()
             raise BlockGraphError(f"Failed to bind socket to {path}: {e.strerror}") from None
         s.setblocking(False)
-        self._unix_paths.append(path)
+        # Absolute now: a daemon (--fork, --daemonize) moves to "/" before it removes the socket at exit.
+        self._unix_paths.append(os.path.abspath(path))
         return [s]
 
     async def _inet_sockets(self, host: str, port: str, backlog: int) -> list[socket.socket]:
