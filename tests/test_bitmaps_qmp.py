@@ -5,6 +5,7 @@ export marking the same granules."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -117,3 +118,71 @@ def test_writes_through_an_export_mark_the_same_granules(both: list[tuple[list[A
     w = next(b for b in ours["q"] if b["name"] == "w")
     granules = {g for off, n in WRITES for g in range(off // 4096, (off + n - 1) // 4096 + 1)}
     assert w["count"] == len(granules) * 4096
+
+
+# ---------------------------------------------------------------- persistent bitmaps of a qcow2 image
+
+PERSISTENT: list[tuple[str, dict[str, Any]]] = [
+    ("query-named-block-nodes", {"flat": True}),
+    ("block-export-add", {"type": "nbd", "id": "e0", "node-name": "q", "bitmaps": ["zz"]}),
+    ("block-export-add", {"type": "nbd", "id": "e1", "node-name": "q", "bitmaps": ["b0"]}),
+    ("block-export-add", {"type": "nbd", "id": "e2", "node-name": "q", "bitmaps": ["b2"], "name": "x2"}),
+    ("query-named-block-nodes", {"flat": True}),
+    ("block-dirty-bitmap-clear", {"node": "q", "name": "b0"}),
+    ("block-dirty-bitmap-remove", {"node": "q", "name": "b0"}),
+    ("block-dirty-bitmap-merge", {"node": "q", "target": "b1", "bitmaps": ["b0"]}),
+    ("block-export-del", {"id": "e1"}),
+    ("block-export-del", {"id": "e2"}),
+    ("block-dirty-bitmap-remove", {"node": "q", "name": "b2"}),
+    ("block-dirty-bitmap-add", {"node": "q", "name": "new", "persistent": True, "granularity": 4096}),
+    ("query-named-block-nodes", {"flat": True}),
+]
+
+
+async def persistent_session(sock: str, nbd_sock: str) -> list[Any]:
+    qmp = qmp_mod.QMPClient("bitmaps")
+    await qmp.connect(sock)
+    out: list[Any] = []
+    try:
+        await qmp.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": nbd_sock}}})
+        for cmd, args in PERSISTENT:
+            try:
+                res = await qmp.execute(cmd, args)
+                out.append(["ok", bitmaps_of(res) if cmd.startswith("query") else res])
+            except qmp_mod.ExecuteError as e:
+                out.append(["error", e.error_class, str(e)])
+            if cmd == "block-export-del":
+                await asyncio.sleep(0.2)  # the export goes once its clients are gone
+    finally:
+        await qmp.disconnect()
+    return out
+
+
+@pytest.mark.parametrize("ro", ["off", "on"])
+def test_persistent_bitmaps_like_qsd(tmp_path: Path, ro: str) -> None:
+    """A qcow2 with bitmaps from qemu-img/qemu-io, driven through the same commands: the same replies, and
+    the image left behind has the same bitmaps for qemu-img info, passes qemu-img check."""
+    infos, replies = [], []
+    for program, sub in ((QSD, "qsd"), (None, "bg")):
+        w = tmp_path / sub
+        w.mkdir()
+        img = w / "t.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "10M"], check=True)
+        for extra in ([], ["-g", "4096"], ["--disable"]):
+            name = {0: "b0", 2: "b1"}.get(len(extra), "b2")
+            subprocess.run(["qemu-img", "bitmap", "--add", str(img), name, *extra], check=True)
+        subprocess.run(["qemu-io", "-c", "write -P 1 0 1", "-c", "write -P 2 1M 100k", str(img)], check=True,
+                       capture_output=True)
+        args = ["--blockdev", f"driver=file,filename={img},node-name=fq,read-only={ro}",
+                "--blockdev", f"driver=qcow2,file=fq,node-name=q,read-only={ro}"]
+        with ServeProcess(w, args, program=program) as proc:
+            replies.append(asyncio.run(persistent_session(proc.socket, str(w / "nbd.sock"))))
+            assert proc.stop() == 0
+        info = subprocess.run(["qemu-img", "info", "--output=json", str(img)], capture_output=True, text=True,
+                              check=True).stdout
+        infos.append(json.loads(info)["format-specific"]["data"].get("bitmaps"))
+        assert subprocess.run(["qemu-img", "check", str(img)], capture_output=True).returncode == 0
+    assert replies[1] == replies[0]
+    assert infos[1] == infos[0]
+    if ro == "off":
+        assert [b["name"] for b in infos[0]] == ["b1", "new"]

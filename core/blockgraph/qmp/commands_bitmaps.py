@@ -55,11 +55,15 @@ def dirty_bitmap_add(daemon: Any, args: dict[str, Any]) -> None:
             raise QMPError("Parameter 'granularity' expects uint32_t")
         if granularity < 512 or granularity & (granularity - 1):
             raise QMPError("Granularity must be power of 2 and at least 512")
-    if args.get("persistent", False):
-        # Persistent bitmaps are read from images but not written back yet (no driver stores new ones).
-        raise QMPError(f"Can't store persistent bitmaps to {node.name}: Operation not supported")
+    persistent = args.get("persistent", False)
     try:
-        bitmaps.create(node, name, granularity, enabled=not args.get("disabled", False))
+        if persistent:
+            # A format that stores bitmaps says whether this one fits (bdrv_can_store_new_dirty_bitmap).
+            can_store = getattr(node.driver, "can_store_new_dirty_bitmap", None)
+            if can_store is None:
+                raise QMPError(f"Can't store persistent bitmaps to {node.name}: Operation not supported")
+            can_store(name, granularity or bitmaps.default_granularity(node))
+        bitmaps.create(node, name, granularity, enabled=not args.get("disabled", False), persistent=persistent)
     except BitmapError as e:
         raise QMPError(e.reason) from None
 

@@ -49,11 +49,12 @@ class DirEntry:
 
 
 class Stored:
-    """A bitmap this driver keeps in sync with the image: its entry, table, and the core bitmap."""
+    """A bitmap of the image's directory and the core bitmap it was loaded into (``table`` is None for an
+    inconsistent one, whose data was not read)."""
 
     __slots__ = ("bm", "entry", "flags_at", "size", "table")
 
-    def __init__(self, entry: DirEntry, table: list[int], bm: core_bitmaps.DirtyBitmap, flags_at: int,
+    def __init__(self, entry: DirEntry, table: list[int] | None, bm: core_bitmaps.DirtyBitmap, flags_at: int,
                  size: int) -> None:
         self.entry, self.table, self.bm, self.flags_at, self.size = entry, table, bm, flags_at, size
 
@@ -192,18 +193,20 @@ async def load(driver: Any, h: Header) -> int:
                                           enabled=bool(e.flags & FLAG_AUTO))
             if core_bitmaps.find(node, e.name) is not None:
                 raise OpenError(f"Bitmap already exists: {e.name}")
+            table = None
             if e.flags & FLAG_IN_USE:
                 bm.inconsistent, bm.enabled = True, False  # not saved cleanly: its data is not read
             else:
                 table = await _load_data(driver.file, e, bm, h.cluster_size)
-                stored.append(Stored(e, table, bm, dir_offset + e.pos + 12, h.size))
+            stored.append(Stored(e, table, bm, dir_offset + e.pos + 12, h.size))
             bm.readonly = driver.read_only
             node.dirty_bitmaps.insert(0, bm)
             created.append(bm)
         if driver.read_only:
             return 0
-        if stored:
-            await _mark_in_use(driver.file, h, stored)
+        consistent = [st for st in stored if st.table is not None]
+        if consistent:
+            await _mark_in_use(driver.file, h, consistent)
     except BaseException:
         for bm in created:
             node.dirty_bitmaps.remove(bm)
@@ -247,36 +250,135 @@ async def _new_table(img: Any, st: Stored, cluster_size: int) -> list[int]:
     return table
 
 
+def _entry_bytes(st: Stored, flags: int) -> bytes:
+    name = st.entry.name.encode()
+    raw = _ENTRY.pack(st.entry.table_offset, st.entry.table_size, flags, 1, st.entry.granularity_bits, len(name),
+                      0) + name
+    return raw + bytes(-len(raw) % 8)
+
+
+def _final_flags(st: Stored) -> int:
+    if st.table is None:
+        return st.entry.flags  # still in use: inconsistent
+    return (st.entry.flags & ~(FLAG_IN_USE | FLAG_AUTO)) | (FLAG_AUTO if st.bm.enabled else 0)
+
+
+async def _new_stored(img: Any, bm: core_bitmaps.DirtyBitmap, size: int, cs: int) -> Stored:
+    """A directory entry and an empty table (allocated) for a bitmap made persistent in this session."""
+    table_size = max(1, -(-(-(-bm.granules // 64) * 8) // cs))
+    toff = await img.rc.alloc_clusters(-(-(table_size * 8) // cs))
+    entry = DirEntry(bm.name or "", toff, table_size, 0, bm.shift)
+    return Stored(entry, [0] * table_size, bm, 0, size)
+
+
+async def _free_bitmap(img: Any, st: Stored, cs: int) -> None:
+    """Drop the clusters of a removed bitmap (its table as read from the image when it was inconsistent)."""
+    table = st.table
+    if table is None:
+        raw = bytearray(st.entry.table_size * 8)
+        await img.file.preadv(st.entry.table_offset, memoryview(raw))
+        table = list(struct.unpack(f">{st.entry.table_size}Q", raw))
+    for entry in table:
+        off = entry & ENTRY_OFFSET_MASK
+        if off and not entry & ENTRY_RESERVED_MASK and not off % cs:
+            await img.rc.update(off, cs, -1)
+    await img.rc.update(st.entry.table_offset, -(-(st.entry.table_size * 8) // cs) * cs, -1)
+
+
 async def store(driver: Any) -> None:
-    """Write back every bitmap that fits in place and clear its in_use flag (called from the driver's close)."""
+    """Write the bitmaps back and clear their in_use flags (called from the driver's close).
+
+    Unchanged directory: data and tables in place, then the flags. Bitmaps removed or made persistent in
+    this session: a new directory in new clusters, the header switched to it, then the old clusters freed
+    (qcow2_store_persistent_dirty_bitmaps' order).
+    """
     stored: list[Stored] = getattr(driver, "qcow2_bitmaps", None) or []
-    if driver.read_only or not stored:
+    if driver.read_only:
         return
-    file, cs = driver.file, driver.cluster_size
+    img, file, cs = driver.img, driver.file, driver.cluster_size
     node = driver.node.graph_node
     present = {id(bm) for bm in node.dirty_bitmaps}
+    known = {id(st.bm) for st in stored}
+    kept = [st for st in stored if id(st.bm) in present and st.bm.persistent]
+    removed = [st for st in stored if st not in kept]
+    new_bms = [bm for bm in node.dirty_bitmaps if bm.persistent and id(bm) not in known and not bm.inconsistent]
+    if not stored and not new_bms:
+        return
     try:
+        new = [await _new_stored(img, bm, img.h.size, cs) for bm in new_bms]
         done = []
-        for st in stored:
-            bm = st.bm
-            if id(bm) not in present or bm.inconsistent or bm.size != st.size:
+        for st in kept + new:
+            if st.table is None:
                 continue
-            done.append((st, await _new_table(driver.img, st, cs)))
-        if not done:
-            return
+            if st.bm.size != st.size:
+                st.table = None  # resized: left in use (inconsistent)
+                continue
+            done.append((st, await _new_table(img, st, cs)))
         # Data and the refcounts of new clusters reach the disk before a table points at them, and the
-        # tables before the flag that vouches for them.
-        await driver.img.rc.flush()
+        # tables before the flag (or the directory) that vouches for them.
+        await img.rc.flush()
         await file.flush()
         for st, table in done:
-            if table != st.table:
+            if table != st.table or st in new:
                 await file.pwritev(st.entry.table_offset, memoryview(struct.pack(f">{len(table)}Q", *table)))
+            st.table = table
         await file.flush()
-        for st, _ in done:
-            flags = (st.entry.flags & ~(FLAG_IN_USE | FLAG_AUTO)) | (FLAG_AUTO if st.bm.enabled else 0)
-            await file.pwritev(st.flags_at, memoryview(struct.pack(">I", flags)))
-        await file.flush()
+        if not removed and not new:
+            for st, _ in done:
+                await file.pwritev(st.flags_at, memoryview(struct.pack(">I", _final_flags(st))))
+            await file.flush()
+            return
+        await _switch_directory(driver, kept + new, removed)
     except (BlockIOError, ImageCorrupt):
         pass  # the bitmaps stay in_use: inconsistent, never wrong
     finally:
         driver.qcow2_bitmaps = []
+
+
+async def _switch_directory(driver: Any, entries: list[Stored], removed: list[Stored]) -> None:
+    img, file, cs = driver.img, driver.file, driver.cluster_size
+    h = img.h
+    old = extension(h) if h.autoclear_features & AUTOCLEAR_BITMAPS else None
+    if entries:
+        d = b"".join(_entry_bytes(st, _final_flags(st)) for st in entries)
+        doff = await img.rc.alloc_clusters(-(-len(d) // cs))
+        await file.pwritev(doff, memoryview(d))
+        await img.rc.flush()
+        await file.flush()
+        h.set_ext(EXT_BITMAPS, struct.pack(">IIQQ", len(entries), 0, len(d), doff))
+        h.autoclear_features |= AUTOCLEAR_BITMAPS
+    else:
+        h.set_ext(EXT_BITMAPS, None)
+        h.autoclear_features &= ~AUTOCLEAR_BITMAPS
+    await img.write_header()
+    await file.flush()
+    if old is not None:
+        await img.rc.update(old[2], -(-old[1] // cs) * cs, -1)
+    for st in removed:
+        await _free_bitmap(img, st, cs)
+    await img.rc.flush()
+    await file.flush()
+
+
+def can_store_new(driver: Any, name: str, granularity: int) -> None:
+    """qcow2_co_can_store_new_dirty_bitmap: refuse with QEMU's text, prefixed as QEMU prefixes it."""
+    h = driver.img.h
+    reason = None
+    gbits = granularity.bit_length() - 1
+    granules = -(-h.size // granularity)
+    stored = getattr(driver, "qcow2_bitmaps", None) or []
+    if h.version < 3:
+        reason = "Cannot store dirty bitmaps in qcow2 v2 files"
+    elif gbits > MAX_GRANULARITY_BITS:
+        reason = f"Granularity exceeds maximum ({1 << MAX_GRANULARITY_BITS} bytes)"
+    elif gbits < MIN_GRANULARITY_BITS:
+        reason = f"Granularity is under minimum ({1 << MIN_GRANULARITY_BITS} bytes)"
+    elif -(-granules // 8) > min(MAX_PHYS_SIZE, MAX_TABLE_SIZE * h.cluster_size):
+        reason = "Too much space will be occupied by the bitmap. Use larger granularity"
+    elif len(name.encode()) > core_bitmaps.MAX_NAME_SIZE:
+        reason = f"Name length exceeds maximum ({core_bitmaps.MAX_NAME_SIZE} characters)"
+    elif len(stored) >= MAX_BITMAPS:
+        reason = "Maximum number of persistent bitmaps is already reached"
+    if reason is not None:
+        raise core_bitmaps.BitmapError(f"Can't make bitmap '{name}' persistent in '{driver.node.node_name}': "
+                                       f"{reason}")

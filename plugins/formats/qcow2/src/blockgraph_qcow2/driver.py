@@ -14,6 +14,7 @@ from blockgraph.perms import ChildRole
 
 from . import compress
 from .amend import AmendMixin
+from .bitmaps import can_store_new as can_store_new_bitmap
 from .bitmaps import load as load_bitmaps
 from .bitmaps import store as store_bitmaps
 from .check import CheckMixin
@@ -53,6 +54,7 @@ class Qcow2Driver(WriteMixin, FullDiscardMixin, ResizeMixin, CheckMixin, Snapsho
     Options: ClassVar[type] = Qcow2Options
     CreateOptions: ClassVar[type] = Qcow2CreateOptions
     create_shown_defaults: ClassVar[dict[str, str]] = CREATE_SHOWN_DEFAULTS
+    can_store_new_dirty_bitmap = can_store_new_bitmap  # block-dirty-bitmap-add persistent=true (bitmaps.py)
 
     img: Image
     cluster_size: int

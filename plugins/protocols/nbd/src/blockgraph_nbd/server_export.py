@@ -16,7 +16,6 @@ from blockgraph import io
 from blockgraph.backend import BlockBackend
 from blockgraph.driver import Status
 from blockgraph.errors import OptionError
-from blockgraph.perms import Perm
 
 from . import protocol as P
 
@@ -230,7 +229,7 @@ def _find_bitmap(node: Node, name: str, writable: bool) -> Any:
         bm.check(allow_ro=True)
     except core_bitmaps.BitmapError as e:
         raise OptionError(e.reason) from None
-    if not writable and not cur.read_only and cur.perm & Perm.WRITE and bm.enabled:
+    if not writable and not cur.read_only and bm.enabled:  # it would change under the reader (bdrv_is_writable)
         raise OptionError(f"Enabled bitmap '{name}' incompatible with readonly export")
     return bm
 
