@@ -167,3 +167,29 @@ def test_broken_directory_refused_as_qemu(tmp_path: Path, where: str, value: int
     ours = subprocess.run([*BG, "img", "info", str(path)], capture_output=True, text=True, timeout=60)
     assert theirs.returncode == ours.returncode == 1
     assert ours.stderr.splitlines()[0] == theirs.stderr.splitlines()[0]
+
+
+def test_new_persistent_bitmap_is_stored_with_its_dirty_granules(tmp_path: Path) -> None:
+    from blockgraph import bitmaps
+
+    path = make(tmp_path / "new.qcow2", writes=[])
+    with bgsync.open(str(path)) as img:
+        node = img.blk.node
+        node.driver.can_store_new_dirty_bitmap("fresh", 4096)
+        bitmaps.create(node, "fresh", 4096, persistent=True)
+        img.write(7 * MiB + 100, b"y" * 5000)
+    assert run("qemu-img", "check", str(path)).returncode == 0
+    assert "name: fresh" in info_bitmaps(path)
+    assert dirty_map(path, "fresh", tmp_path / "f.sock").split("\n")[1].split() == [str(7 * MiB), "8192", "1",
+                                                                                      "dirty"]
+
+
+def test_v2_image_cannot_store_bitmaps(tmp_path: Path) -> None:
+    from blockgraph.bitmaps import BitmapError
+
+    path = tmp_path / "v2.qcow2"
+    assert run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10", str(path), "1M").returncode == 0
+    with bgsync.open(str(path)) as img, pytest.raises(BitmapError) as err:
+        img.blk.node.driver.can_store_new_dirty_bitmap("b", 65536)
+    assert str(err.value) == f"Can't make bitmap 'b' persistent in '{img.blk.node.name}': Cannot store dirty " \
+                             "bitmaps in qcow2 v2 files"
