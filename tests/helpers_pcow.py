@@ -86,6 +86,10 @@ class PcowDriver:
         self.backing = await node.open_backing(self.backing_file, self.backing_fmt)
         node.set_limits(request_alignment=self.cluster)
 
+    def set_backing(self, child: Any) -> None:
+        """The node's backing edge changed while open (blockdev-snapshot, blockdev-reopen): read through it."""
+        self.backing = child
+
     async def close(self) -> None:
         pass
 

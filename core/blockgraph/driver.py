@@ -39,6 +39,12 @@ Optional methods and their fallbacks, detected once at open:
 ``change_backing_file`` -- async ``(name: str | None, fmt: str | None)``: rewrite the backing file name and format
                            in the image header (``rebase``; QEMU's bdrv_change_backing_file).
 ``make_empty``          -- async: drop all data of this layer (``commit`` without ``-d``).
+``set_backing``         -- sync ``set_backing(child: Child | None)``: the node's backing edge changed while it is
+                           open (``blockdev-snapshot`` gives an overlay its backing node; ``blockdev-reopen``
+                           attaches, replaces or drops one). Called drained, after the graph changed; the
+                           driver takes ``child`` as its backing from now on (None: reads fall to zeros) and must
+                           not fail. Drivers that read ``node.backing`` on every request need no hook; one that
+                           keeps the child from ``open_backing`` implements it.
 ``amend``               -- async ``amend(values: dict[str, str], force: bool, warn)``: change create options of an
                            open image in place (``img amend``); ``values`` are the ``-o`` keys as given (checked
                            against ``CreateOptions``); ``warn(msg)`` prints a warning line.
@@ -248,6 +254,7 @@ class Capabilities:
     make_empty: bool = False
     amend: bool = False
     measure: bool = False
+    set_backing: bool = False
 
     @classmethod
     def of(cls, drv: type) -> Capabilities:
@@ -263,6 +270,7 @@ class Capabilities:
             snapshot=has("snapshot_create", "snapshot_goto", "snapshot_delete", "snapshot_list"),
             vmstate=has("save_vmstate", "load_vmstate"), change_backing_file=has("change_backing_file"),
             make_empty=has("make_empty"), amend=has("amend"), measure=has("measure"),
+            set_backing=has("set_backing"),
         )
 
     def lines(self) -> list[str]:

@@ -80,21 +80,22 @@ def _reopen_plan(daemon: Any, i: int, opts: Any) -> tuple[Any, bool, dict[str, A
 
 async def _change_child(node: Any, role: str, target: Any) -> None:
     """Point ``node``'s ``role`` edge at ``target`` (the Child object stays, so drivers keep it), or drop it."""
+    from ..backing import backing_changed
     from ..node import detach, replace
 
     edge = node.children.get(role)
     async with io.drained(node):
         if target is None:
             await detach(edge)
-            if role == "backing" and hasattr(node.driver, "backing"):
-                node.driver.backing = None
+            if role == "backing":
+                backing_changed(node, None)
         elif edge is None:
             from ..node import attach
             from ..perms import ChildRole
 
             new = attach(node, target, role, ChildRole.COW)
-            if hasattr(node.driver, "backing"):
-                node.driver.backing = new
+            if role == "backing":
+                backing_changed(node, new)
         else:
             replace(edge, target)
 

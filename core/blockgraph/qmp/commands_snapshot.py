@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from .. import io
+from ..backing import backing_changed
 from ..errors import BlockGraphError
 from ..node import Node, attach, replace
 from ..perms import ChildRole
@@ -23,7 +24,7 @@ async def append(overlay: Node, old: Node, *, attach_backing: bool) -> None:
         try:
             if attach_backing:
                 backing_edge = attach(overlay, old, "backing", ChildRole.COW)
-                _tell_driver(overlay, backing_edge)
+                backing_changed(overlay, backing_edge)
             for edge in [c for c in old.parents if c is not backing_edge]:
                 replace(edge, overlay)
                 moved.append(edge)
@@ -31,16 +32,6 @@ async def append(overlay: Node, old: Node, *, attach_backing: bool) -> None:
             for edge in moved:
                 replace(edge, old)
             raise
-
-
-def _tell_driver(overlay: Node, edge: Any) -> None:
-    """A format driver keeps its backing child from open: hand it the new one (``set_backing(child)`` when
-    the driver has it, else its ``backing`` attribute, the convention format drivers here follow)."""
-    hook = getattr(overlay.driver, "set_backing", None)
-    if callable(hook):
-        hook(edge)
-    elif hasattr(overlay.driver, "backing"):
-        overlay.driver.backing = edge
 
 
 @command("blockdev-snapshot-sync", {"*device": "str", "*node-name": "str", "snapshot-file": "str",

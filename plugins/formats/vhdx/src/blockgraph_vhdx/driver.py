@@ -148,6 +148,10 @@ class VhdxDriver:
                 raise ImageCorrupt(f"VHDX BAT entry {i} end offset {off + length - 1} points after end of file "
                                    f"({file_len}). Image has probably been truncated.")
 
+    def set_backing(self, child: Any) -> None:
+        """The node's backing edge changed while open (blockdev-snapshot, blockdev-reopen): read through it."""
+        self.backing = child
+
     async def close(self) -> None:
         """Every metadata update was written through the log when it happened."""
 

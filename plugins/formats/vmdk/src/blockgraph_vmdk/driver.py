@@ -182,6 +182,10 @@ class VmdkDriver:
             want &= ~(Perm.WRITE | Perm.WRITE_UNCHANGED | Perm.RESIZE)
         return want, share
 
+    def set_backing(self, child: Any) -> None:
+        """The node's backing edge changed while open (blockdev-snapshot, blockdev-reopen): read through it."""
+        self.backing = child
+
     async def close(self) -> None:
         """Streams get their last grain, footer and end-of-stream marker (core has flushed everything else)."""
         for ext in getattr(self, "extents", []):
