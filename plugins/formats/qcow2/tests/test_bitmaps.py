@@ -193,3 +193,21 @@ def test_v2_image_cannot_store_bitmaps(tmp_path: Path) -> None:
         img.blk.node.driver.can_store_new_dirty_bitmap("b", 65536)
     assert str(err.value) == f"Can't make bitmap 'b' persistent in '{img.blk.node.name}': Cannot store dirty " \
                              "bitmaps in qcow2 v2 files"
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["clean", "in-use"])
+def test_img_info_lists_bitmaps_as_qemu_img(tmp_path: Path, crash: bool) -> None:
+    path = make(tmp_path / "info.qcow2")
+    if crash:
+        sock = tmp_path / "k.sock"
+        srv = subprocess.Popen(["qemu-nbd", "-k", str(sock), str(path)])
+        while not sock.exists():
+            time.sleep(0.02)
+        srv.kill()
+        srv.wait(30)
+    for fmt in ("human", "json"):
+        theirs = run("qemu-img", "info", f"--output={fmt}", str(path)).stdout
+        ours = subprocess.run([*BG, "img", "info", f"--output={fmt}", str(path)], capture_output=True, text=True,
+                              timeout=60).stdout
+        assert ours == theirs
+    assert ("in-use" in theirs) is crash

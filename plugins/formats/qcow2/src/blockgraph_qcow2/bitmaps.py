@@ -203,6 +203,7 @@ async def load(driver: Any, h: Header) -> int:
             node.dirty_bitmaps.insert(0, bm)
             created.append(bm)
         if driver.read_only:
+            driver.qcow2_bitmaps = stored  # for info(); nothing is written back
             return 0
         consistent = [st for st in stored if st.table is not None]
         if consistent:
@@ -213,6 +214,15 @@ async def load(driver: Any, h: Header) -> int:
         raise
     driver.qcow2_bitmaps = stored
     return AUTOCLEAR_BITMAPS
+
+
+def info(driver: Any) -> dict[str, Any]:
+    """``bitmaps`` of qemu-img info's format-specific data: the directory as it is on disk."""
+    out = []
+    for st in getattr(driver, "qcow2_bitmaps", None) or []:
+        flags = [name for bit, name in ((FLAG_IN_USE, "in-use"), (FLAG_AUTO, "auto")) if st.entry.flags & bit]
+        out.append({"flags": flags, "name": st.entry.name, "granularity": 1 << st.entry.granularity_bits})
+    return {"bitmaps": out} if out else {}
 
 
 async def _write_autoclear(file: Any, value: int) -> None:

@@ -15,6 +15,7 @@ from blockgraph.perms import ChildRole
 from . import compress
 from .amend import AmendMixin
 from .bitmaps import can_store_new as can_store_new_bitmap
+from .bitmaps import info as bitmaps_info
 from .bitmaps import load as load_bitmaps
 from .bitmaps import store as store_bitmaps
 from .check import CheckMixin
@@ -272,6 +273,7 @@ class Qcow2Driver(WriteMixin, FullDiscardMixin, ResizeMixin, CheckMixin, Snapsho
                                 "compression-type": COMPRESSION_NAMES.get(h.compression_type, "zlib")}
         if h.version >= 3:
             data["lazy-refcounts"] = h.lazy_refcounts
+            data.update(bitmaps_info(self))  # the bitmaps directory, as qemu-img info lists it
         data["refcount-bits"] = h.refcount_bits
         if h.version >= 3:
             if h.data_file is not None:
