@@ -211,3 +211,20 @@ def test_img_info_lists_bitmaps_as_qemu_img(tmp_path: Path, crash: bool) -> None
                               timeout=60).stdout
         assert ours == theirs
     assert ("in-use" in theirs) is crash
+
+
+@pytest.mark.parametrize("size", ["20M", "1G", "1M"])
+def test_resize_keeps_bitmaps_as_qemu_img_resize(tmp_path: Path, size: str) -> None:
+    """512-byte clusters: one table entry covers 256 MiB of 64 KiB granules, so 1G needs a bigger table."""
+    base = tmp_path / "base.qcow2"
+    assert run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", str(base), "10M").returncode == 0
+    assert run("qemu-img", "bitmap", "--add", str(base), "b0").returncode == 0
+    assert run("qemu-io", "-c", "write 0 1", "-c", "write 9M 1", str(base)).returncode == 0
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    shutil.copyfile(base, ours)
+    shutil.copyfile(base, theirs)
+    assert run("qemu-img", "resize", "-q", "--shrink", str(theirs), size).returncode == 0
+    assert subprocess.run([*BG, "img", "resize", "-q", "--shrink", str(ours), size], timeout=60).returncode == 0
+    assert run("qemu-img", "check", str(ours)).returncode == 0
+    assert info_bitmaps(ours).split("bitmaps:")[1] == info_bitmaps(theirs).split("bitmaps:")[1]
+    assert dirty_map(ours, "b0", tmp_path / "o.sock") == dirty_map(theirs, "b0", tmp_path / "t.sock")

@@ -273,9 +273,14 @@ def _final_flags(st: Stored) -> int:
     return (st.entry.flags & ~(FLAG_IN_USE | FLAG_AUTO)) | (FLAG_AUTO if st.bm.enabled else 0)
 
 
+def _table_size(bm: core_bitmaps.DirtyBitmap, cs: int) -> int:
+    """Table entries QEMU expects: clusters of the bitmap serialised in whole 64-bit words."""
+    return max(1, -(-(-(-bm.granules // 64) * 8) // cs))
+
+
 async def _new_stored(img: Any, bm: core_bitmaps.DirtyBitmap, size: int, cs: int) -> Stored:
     """A directory entry and an empty table (allocated) for a bitmap made persistent in this session."""
-    table_size = max(1, -(-(-(-bm.granules // 64) * 8) // cs))
+    table_size = _table_size(bm, cs)
     toff = await img.rc.alloc_clusters(-(-(table_size * 8) // cs))
     entry = DirEntry(bm.name or "", toff, table_size, 0, bm.shift)
     return Stored(entry, [0] * table_size, bm, 0, size)
@@ -284,7 +289,7 @@ async def _new_stored(img: Any, bm: core_bitmaps.DirtyBitmap, size: int, cs: int
 async def _free_bitmap(img: Any, st: Stored, cs: int) -> None:
     """Drop the clusters of a removed bitmap (its table as read from the image when it was inconsistent)."""
     table = st.table
-    if table is None:
+    if table is None:  # inconsistent: its table as the image has it
         raw = bytearray(st.entry.table_size * 8)
         await img.file.preadv(st.entry.table_offset, memoryview(raw))
         table = list(struct.unpack(f">{st.entry.table_size}Q", raw))
@@ -316,24 +321,34 @@ async def store(driver: Any) -> None:
         return
     try:
         new = [await _new_stored(img, bm, img.h.size, cs) for bm in new_bms]
+        fresh = list(new)  # tables in new clusters: written whole, and the directory is rewritten
         done = []
         for st in kept + new:
             if st.table is None:
                 continue
-            if st.bm.size != st.size:
-                st.table = None  # resized: left in use (inconsistent)
-                continue
+            if st.bm.size != img.h.size:
+                st.bm.resize(img.h.size)  # the image was resized: new granules are clean
+            need = _table_size(st.bm, cs)
+            if need != st.entry.table_size:
+                # Resized: a new table (data clusters kept where they still count); the old one is freed
+                # once the new directory is in place.
+                e = st.entry
+                removed.append(Stored(DirEntry(e.name, e.table_offset, e.table_size, e.flags, e.granularity_bits),
+                                      st.table[need:], st.bm, 0, 0))
+                st.table = st.table[:need] + [0] * (need - len(st.table))
+                e.table_offset, e.table_size = await img.rc.alloc_clusters(-(-(need * 8) // cs)), need
+                fresh.append(st)
             done.append((st, await _new_table(img, st, cs)))
         # Data and the refcounts of new clusters reach the disk before a table points at them, and the
         # tables before the flag (or the directory) that vouches for them.
         await img.rc.flush()
         await file.flush()
         for st, table in done:
-            if table != st.table or st in new:
+            if table != st.table or st in fresh:
                 await file.pwritev(st.entry.table_offset, memoryview(struct.pack(f">{len(table)}Q", *table)))
             st.table = table
         await file.flush()
-        if not removed and not new:
+        if not removed and not fresh:
             for st, _ in done:
                 await file.pwritev(st.flags_at, memoryview(struct.pack(">I", _final_flags(st))))
             await file.flush()
