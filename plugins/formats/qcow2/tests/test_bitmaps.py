@@ -228,3 +228,55 @@ def test_resize_keeps_bitmaps_as_qemu_img_resize(tmp_path: Path, size: str) -> N
     assert run("qemu-img", "check", str(ours)).returncode == 0
     assert info_bitmaps(ours).split("bitmaps:")[1] == info_bitmaps(theirs).split("bitmaps:")[1]
     assert dirty_map(ours, "b0", tmp_path / "o.sock") == dirty_map(theirs, "b0", tmp_path / "t.sock")
+
+
+def _guest(path: Path, out: Path) -> bytes:
+    assert run("qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", str(path), str(out)).returncode == 0
+    return out.read_bytes()
+
+
+def test_mutated_bitmap_metadata_errors_cleanly_and_never_touches_data(tmp_path: Path) -> None:
+    """Random bytes of the extension, directory and tables changed: opening read-only fails with an error
+    naming the problem or succeeds without writing; read-write never changes what the guest reads."""
+    import random
+
+    from blockgraph.errors import BlockGraphError
+
+    base = make(tmp_path / "base.qcow2")
+    data = base.read_bytes()
+    ext = _directory(base)
+    _, _, dsize, doff = struct.unpack_from(">IIQQ", data, ext + 8)
+    tables = []
+    pos = doff
+    while pos < doff + dsize:
+        toff, tsize, _, _, _, nsize, extra = struct.unpack_from(">QIIBBHI", data, pos)
+        tables.append((toff, tsize * 8))
+        pos += -(-(24 + nsize + extra) // 8) * 8
+    regions = [(ext + 8, 24), (doff, dsize), *tables]
+    want = _guest(base, tmp_path / "want.raw")
+    rnd = random.Random(3)
+    for i in range(40):
+        buf = bytearray(data)
+        if i % 2:  # a table entry aimed at another cluster of the file (guest data, L1, refcounts...)
+            toff, _ = rnd.choice(tables)
+            struct.pack_into(">Q", buf, toff, rnd.randrange(len(data) // 65536) * 65536)
+        else:
+            for _ in range(rnd.randint(1, 3)):
+                off, n = rnd.choice(regions)
+                buf[off + rnd.randrange(n)] = rnd.randrange(256)
+        path = tmp_path / f"m{i}.qcow2"
+        path.write_bytes(buf)
+        try:
+            with bgsync.open(str(path), read_only=True):
+                pass
+        except BlockGraphError as e:
+            assert str(e)
+        assert path.read_bytes() == buf
+        try:
+            with bgsync.open(str(path)) as img:
+                img.write(8 * MiB, b"z" * 512)
+        except BlockGraphError as e:
+            assert str(e)
+            continue
+        got = _guest(path, tmp_path / "got.raw")
+        assert got[:8 * MiB] == want[:8 * MiB] and got[8 * MiB:8 * MiB + 512] == b"z" * 512

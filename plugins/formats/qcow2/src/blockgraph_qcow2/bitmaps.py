@@ -19,6 +19,7 @@ import struct
 from typing import Any
 
 from blockgraph import bitmaps as core_bitmaps
+from blockgraph.driver import CheckFix, CheckResult
 from blockgraph.errors import BlockIOError, ImageCorrupt, OpenError
 
 from .constants import AUTOCLEAR_BITMAPS, EXT_BITMAPS
@@ -206,6 +207,16 @@ async def load(driver: Any, h: Header) -> int:
             driver.qcow2_bitmaps = stored  # for info(); nothing is written back
             return 0
         consistent = [st for st in stored if st.table is not None]
+        ranges = [(dir_offset, extension(h)[1])]  # type: ignore[index]
+        for st in consistent:
+            ranges.append((st.entry.table_offset, st.entry.table_size * 8))
+            ranges += [(e & ENTRY_OFFSET_MASK, h.cluster_size) for e in st.table or () if e & ENTRY_OFFSET_MASK]
+        if consistent and not await _owned(driver, ranges):
+            # Metadata shared with something else (a corrupt image): never written in place. The bitmaps
+            # stay usable in memory; the autoclear bit is dropped as by a program without bitmap support.
+            for bm in created:
+                bm.persistent = False
+            return 0
         if consistent:
             await _mark_in_use(driver.file, h, consistent)
     except BaseException:
@@ -223,6 +234,25 @@ def info(driver: Any) -> dict[str, Any]:
         flags = [name for bit, name in ((FLAG_IN_USE, "in-use"), (FLAG_AUTO, "auto")) if st.entry.flags & bit]
         out.append({"flags": flags, "name": st.entry.name, "granularity": 1 << st.entry.granularity_bits})
     return {"bitmaps": out} if out else {}
+
+
+async def _owned(driver: Any, ranges: list[tuple[int, int]]) -> bool:
+    """Every cluster the bitmaps would rewrite in place is referenced once, by the bitmaps alone: counted as
+    ``qemu-img check`` counts (L1/L2 of the image and its snapshots, refcount structures, bitmaps) and with
+    refcount 1 on disk. One pass over the metadata, paid only when an image with bitmaps is opened read-write."""
+    from .check import Checker
+
+    img = driver.img
+    checker = Checker(driver, CheckResult())
+    await checker.calculate(CheckFix.NONE)
+    refs, cbits = checker.refs, img.h.cluster_bits
+    for offset, length in ranges:
+        if offset < img.h.cluster_size or offset + length > img.file.getlength():
+            return False
+        for c in range(offset >> cbits, ((offset + length - 1) >> cbits) + 1):
+            if c >= len(refs) or refs[c] != 1 or await img.rc.get(c) != 1:
+                return False
+    return True
 
 
 async def _write_autoclear(file: Any, value: int) -> None:
@@ -289,10 +319,8 @@ async def _new_stored(img: Any, bm: core_bitmaps.DirtyBitmap, size: int, cs: int
 async def _free_bitmap(img: Any, st: Stored, cs: int) -> None:
     """Drop the clusters of a removed bitmap (its table as read from the image when it was inconsistent)."""
     table = st.table
-    if table is None:  # inconsistent: its table as the image has it
-        raw = bytearray(st.entry.table_size * 8)
-        await img.file.preadv(st.entry.table_offset, memoryview(raw))
-        table = list(struct.unpack(f">{st.entry.table_size}Q", raw))
+    if table is None:
+        return  # inconsistent: its table was never checked, so its clusters are left (a leak, not a risk)
     for entry in table:
         off = entry & ENTRY_OFFSET_MASK
         if off and not entry & ENTRY_RESERVED_MASK and not off % cs:
