@@ -201,8 +201,10 @@ def test_img_info_lists_bitmaps_as_qemu_img(tmp_path: Path, crash: bool) -> None
     if crash:
         sock = tmp_path / "k.sock"
         srv = subprocess.Popen(["qemu-nbd", "-k", str(sock), str(path)])
-        while not sock.exists():
-            time.sleep(0.02)
+        deadline = time.monotonic() + 30
+        while not sock.exists() or "in-use" not in info_bitmaps(path):
+            assert time.monotonic() < deadline, "qemu-nbd did not mark the bitmaps in use"
+            time.sleep(0.05)
         srv.kill()
         srv.wait(30)
     for fmt in ("human", "json"):
