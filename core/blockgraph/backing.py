@@ -42,7 +42,7 @@ def _cow_ancestors(node: Node) -> list[Node]:
 def _same_file(a: str, b: str) -> bool:
     try:
         return os.path.samefile(a, b)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a name with a NUL byte (corrupt header) names no file
         return False
 
 

@@ -85,6 +85,8 @@ class FileDriver:
             self.fd = os.open(self.filename, flags)
         except OSError as e:
             raise OpenError(f"Could not open '{self.filename}': {e.strerror}") from None
+        except ValueError:  # a NUL byte (a corrupt image's backing name): no such file
+            raise OpenError(f"Could not open '{self.filename}': {os.strerror(errno.ENOENT)}") from None
         st = os.fstat(self.fd)
         self.is_blk = stat.S_ISBLK(st.st_mode)
         if self.block_device and not self.is_blk:
