@@ -88,6 +88,3 @@ def backing_changed(node: Node, child: Any) -> None:
     """Tell ``node``'s driver that its backing edge is now ``child`` (None: gone): the ``set_backing`` hook."""
     if node.caps.set_backing:
         node.driver.set_backing(child)
-    elif hasattr(node.driver, "backing"):
-        # Until every driver that keeps its backing child implements set_backing (qcow2 does not yet).
-        node.driver.backing = child

@@ -163,6 +163,10 @@ class Qcow2Driver(WriteMixin, FullDiscardMixin, ResizeMixin, CheckMixin, Snapsho
             self.img.l2_cache.clear_clean()
             self.img.rc.cache.clear_clean()
 
+    def set_backing(self, child: Any) -> None:
+        """The backing edge changed while open (blockdev-snapshot, blockdev-reopen): COW and reads follow it."""
+        self.backing = child
+
     async def close(self) -> None:
         if self._clean_task is not None:
             self._clean_task.cancel()
