@@ -48,10 +48,11 @@ SB_NOT_PRESENT, SB_PRESENT = 0, 6
 
 
 def crc32c(data: bytes | bytearray | memoryview, value: int = 0) -> int:
-    # Imported on first use: the package pulls in importlib.metadata (~15 ms), and probing imports this module.
-    from crc32c import crc32c as _crc32c
+    # google-crc32c (C, 5 ms to import) rather than crc32c, whose package imports importlib.metadata (~18 ms);
+    # imported on first use, since probing imports this module.
+    import google_crc32c
 
-    return _crc32c(data, value)
+    return google_crc32c.extend(value, data if isinstance(data, bytes) else bytes(data))  # it wants read-only bytes
 
 
 def checksum_with_hole(buf: bytes | bytearray | memoryview, at: int = 4) -> int:
