@@ -69,34 +69,34 @@ async def _with_backend(spec: dict[str, Any], fn: Any, read_only: bool) -> Any:
         await session.close()
 
 
-def with_image(path: Path | str, fmt: str, fn: Any, *, read_only: bool = False,
+def with_image(path: Path | str, fn: Any, *, fmt: str, read_only: bool = False,
                extra: dict[str, Any] | None = None) -> Any:
     """``await fn(blk, node)`` on the image opened with a BlockBackend, in a session of its own."""
     spec = {"driver": fmt, "file": {"driver": "file", "filename": str(path)}, **(extra or {})}
     return asyncio.run(_with_backend(spec, fn, read_only))
 
 
-def read_all(path: Path | str, fmt: str, extra: dict[str, Any] | None = None) -> bytes:
+def read_all(path: Path | str, *, fmt: str, extra: dict[str, Any] | None = None) -> bytes:
     """The whole guest-visible content of an image, read through blockgraph."""
     async def go(blk: BlockBackend, node: Any) -> bytes:
         buf = bytearray(blk.getlength())
         await blk.preadv(0, memoryview(buf))
         return bytes(buf)
 
-    return with_image(path, fmt, go, read_only=True, extra=extra)
+    return with_image(path, go, fmt=fmt, read_only=True, extra=extra)
 
 
-def write_at(path: Path | str, fmt: str, writes: list[tuple[int, bytes]]) -> None:
+def write_at(path: Path | str, writes: list[tuple[int, bytes]], *, fmt: str) -> None:
     """Write ``(offset, data)`` pairs through blockgraph, then flush."""
     async def go(blk: BlockBackend, node: Any) -> None:
         for off, data in writes:
             await blk.pwritev(off, memoryview(data))
         await blk.flush()
 
-    with_image(path, fmt, go)
+    with_image(path, go, fmt=fmt)
 
 
-def create(path: Path | str, size: int | str, fmt: str, **opts: str) -> None:
+def create(path: Path | str, size: int | str, *, fmt: str, **opts: str) -> None:
     """``blockgraph img create -f FMT -o K=V,... PATH SIZE``."""
     o = ",".join(f"{k}={v}" for k, v in opts.items())
     bg("img", "create", "-q", "-f", fmt, *(["-o", o] if o else []), str(path), str(size))
@@ -107,3 +107,10 @@ def qemu_raw(path: Path, fmt: str, tmp: Path) -> bytes:
     out = tmp / (path.name + ".qemu.raw")
     run(QEMU_IMG or "qemu-img", "convert", "-f", fmt, "-O", "raw", str(path), str(out))
     return out.read_bytes()
+
+
+def for_format(fmt: str) -> dict[str, Any]:
+    """``with_image``, ``read_all``, ``write_at`` and ``create`` with ``fmt`` as their default format."""
+    import functools
+
+    return {f.__name__: functools.partial(f, fmt=fmt) for f in (with_image, read_all, write_at, create)}
