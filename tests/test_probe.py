@@ -95,3 +95,19 @@ def test_warning_text_is_qemus(session: Any, bg_runner: Any, tmp_path: Path, war
     assert qemu.returncode == 0
     bg_runner.run(session.open_image(str(path)))
     assert warnings and warnings[0] + "\n" == qemu.stderr
+
+
+def test_probing_imports_no_format_driver_module() -> None:
+    """Formats register light probe functions, so probing (every open without -f) imports no driver module."""
+    import sys
+
+    from blockgraph.plugins import PluginHost
+
+    code = ("import sys; from blockgraph.plugins import PluginHost; h = PluginHost(); "
+            "print(h.probe(b'QFI\\xfb\\x00\\x00\\x00\\x03' + bytes(2040), 'x')); "
+            "print(sorted(m for m in sys.modules if m.startswith('blockgraph_') and m.endswith('.driver')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    installed = PluginHost().drivers
+    if "qcow2" in installed:
+        assert out[0] == "qcow2"
+    assert out[1] in ("[]", "['blockgraph_raw.driver']")  # raw's probe is its class's (score 1, always)

@@ -8,6 +8,7 @@ is recorded and reported, and becomes fatal only when its driver is asked for.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from collections.abc import Iterable
@@ -141,7 +142,7 @@ class PluginHost:
 
     def _add_driver(self, plugin: str, dist: str, target: Any, *, name: str | None = None,
                     kind: str | DriverKind | None = None, aliases: Iterable[str] = (),
-                    protocols: Iterable[str] = (), probe: bool | None = None) -> None:
+                    protocols: Iterable[str] = (), probe: bool | str | None = None) -> None:
         if not isinstance(target, str):
             name = name or target.name
             kind = kind or target.kind
@@ -151,7 +152,9 @@ class PluginHost:
         if not name or not kind:
             raise BlockGraphError(f"plugin '{plugin}' registered a driver without name and kind")
         kind = DriverKind(kind) if isinstance(kind, str) else kind
-        entry = Entry(name, target, plugin, dist, {"kind": kind, "probe": bool(probe)})
+        # probe="module:function" names a light probe function, so probing need not import the driver module.
+        entry = Entry(name, target, plugin, dist, {"kind": kind, "probe": bool(probe),
+                                                   "probe_fn": probe if isinstance(probe, str) else None})
         self.drivers[name] = entry
         for alias in aliases:
             self.aliases[alias] = name
@@ -214,7 +217,8 @@ class PluginHost:
             if entry.meta["kind"] is not DriverKind.FORMAT or not entry.meta["probe"]:
                 continue
             try:
-                s = self.driver(name).probe(header, filename)
+                fn = entry.meta.get("probe_fn")
+                s = (_resolve(fn) if fn else self.driver(name).probe)(header, filename)
             except BlockGraphError:
                 continue
             if s > score:
@@ -223,3 +227,10 @@ class PluginHost:
 
     def table(self, kind: str) -> dict[str, Entry]:
         return self.tables[kind]
+
+
+@functools.cache
+def _resolve(spec: str) -> Any:
+    """``module:attribute`` imported once."""
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)

@@ -62,9 +62,9 @@ class Qcow2Driver(WriteMixin, FullDiscardMixin, ResizeMixin, CheckMixin, Snapsho
 
     @classmethod
     def probe(cls, header: bytes, filename: str) -> int:
-        if len(header) >= 8 and header[:4] == MAGIC and struct.unpack_from(">I", header, 4)[0] >= 2:
-            return 100
-        return 0
+        from .probe import probe
+
+        return probe(header, filename)
 
     # ------------------------------------------------------------ open / close
 

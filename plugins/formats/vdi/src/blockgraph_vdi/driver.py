@@ -61,9 +61,9 @@ class VdiDriver:
 
     @classmethod
     def probe(cls, header: bytes, filename: str) -> int:
-        if len(header) < HEADER_SIZE:
-            return 0
-        return 100 if int.from_bytes(header[64:68], "little") == hdr.SIGNATURE else 0
+        from .probe import probe
+
+        return probe(header, filename)
 
     async def open(self, node: Any, options: VdiOptions) -> None:
         self.node = node

@@ -8,9 +8,9 @@ import uuid
 import attrs
 from blockgraph.errors import OpenError
 
-HEADER_SIZE = 512
+from .probe import HEADER_SIZE, SIGNATURE
+
 SECTOR = 512
-SIGNATURE = 0xBEDA107F
 VERSION_1_1 = 0x00010001
 TYPE_DYNAMIC, TYPE_STATIC = 1, 2
 BLOCK_SIZE = 1 << 20  # the only block size QEMU (and VirtualBox) use

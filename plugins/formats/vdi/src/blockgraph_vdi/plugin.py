@@ -5,4 +5,4 @@ from blockgraph import hookimpl
 
 @hookimpl
 def blockgraph_register_drivers(register):
-    register("blockgraph_vdi.driver:VdiDriver", name="vdi", kind="format", probe=True)
+    register("blockgraph_vdi.driver:VdiDriver", name="vdi", kind="format", probe="blockgraph_vdi.probe:probe")

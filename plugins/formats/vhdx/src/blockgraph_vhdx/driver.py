@@ -19,7 +19,6 @@ from .metadata import Layout, read_headers, read_layout
 from .structs import (
     BAT_OFFSET_MASK,
     BAT_STATE_MASK,
-    FILE_SIGNATURE,
     HEADER_OFFSETS,
     HEADER_SECTION_END,
     LOG_SECTOR,
@@ -56,7 +55,9 @@ class VhdxDriver:
 
     @classmethod
     def probe(cls, header: bytes, filename: str) -> int:
-        return 100 if header[:8] == FILE_SIGNATURE else 0
+        from .probe import probe
+
+        return probe(header, filename)
 
     @classmethod
     async def create(cls, session: Any, filename: str, options: VhdxCreateOptions) -> None:

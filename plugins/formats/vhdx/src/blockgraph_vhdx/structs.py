@@ -10,9 +10,10 @@ import uuid
 
 import attrs
 
+from .probe import FILE_SIGNATURE  # noqa: F401  (re-exported: part of the layout)
+
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 
-FILE_SIGNATURE = b"vhdxfile"
 HEADER_OFFSETS = (64 * KiB, 128 * KiB)
 REGION_TABLE_OFFSETS = (192 * KiB, 256 * KiB)
 HEADER_SECTION_END = 1 * MiB

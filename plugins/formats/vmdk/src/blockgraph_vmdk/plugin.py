@@ -5,4 +5,4 @@ from blockgraph import hookimpl
 
 @hookimpl
 def blockgraph_register_drivers(register):
-    register("blockgraph_vmdk.driver:VmdkDriver", name="vmdk", kind="format", probe=True)
+    register("blockgraph_vmdk.driver:VmdkDriver", name="vmdk", kind="format", probe="blockgraph_vmdk.probe:probe")

@@ -106,7 +106,9 @@ class VpcDriver:
 
     @classmethod
     def probe(cls, header: bytes, filename: str) -> int:
-        return 100 if header[:8] == fmt.COOKIE else 0
+        from .probe import probe
+
+        return probe(header, filename)
 
     # ------------------------------------------------------------ open
 

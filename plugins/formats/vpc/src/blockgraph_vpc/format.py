@@ -13,10 +13,11 @@ import uuid
 
 import attrs
 
+from .probe import COOKIE
+
 FOOTER_SIZE = 512
 DYN_HEADER_SIZE = 1024
 SECTOR = 512
-COOKIE = b"conectix"
 DYN_COOKIE = b"cxsparse"
 TYPE_FIXED, TYPE_DYNAMIC, TYPE_DIFFERENCING = 2, 3, 4
 NO_OFFSET = 0xFFFFFFFFFFFFFFFF

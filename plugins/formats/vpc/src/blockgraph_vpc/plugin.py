@@ -5,4 +5,5 @@ from blockgraph import hookimpl
 
 @hookimpl
 def blockgraph_register_drivers(register):
-    register("blockgraph_vpc.driver:VpcDriver", name="vpc", kind="format", probe=True, aliases=("vhd",))
+    register("blockgraph_vpc.driver:VpcDriver", name="vpc", kind="format", probe="blockgraph_vpc.probe:probe",
+             aliases=("vhd",))
