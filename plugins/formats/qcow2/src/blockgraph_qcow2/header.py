@@ -189,7 +189,8 @@ class Header:
         if bfo:
             if bfo + bfs > min(len(buf), h.cluster_size):
                 raise OpenError("Invalid backing file offset")
-            h.backing_file = bytes(buf[bfo:bfo + bfs]).decode("utf-8", "replace")
+            # QEMU keeps the name as a C string: whatever follows a NUL byte is not part of it.
+            h.backing_file = bytes(buf[bfo:bfo + bfs]).split(b"\0", 1)[0].decode("utf-8", "replace")
         return h
 
     def _parse_extensions(self, buf: bytes) -> None:
