@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..driver import CheckFix, CheckResult
 from ..errors import BlockGraphError, NotSupported
-from .img_opts import Getopt, ImgExit, expect, usage_error
+from .img_opts import CommonFlags, Getopt, ImgExit, expect, usage_error
 from .img_qjson import dumps
 from .img_util import cache_mode, open_backend, open_node, qprint, run
 
@@ -140,8 +140,10 @@ async def _main(session: Session, argv: list[str]) -> int:
     fmt = output = None
     cache = "writeback"
     fix = CheckFix.NONE
-    quiet = image_opts = force_share = False
+    common = CommonFlags()
     for key, value in opts:
+        if common.take(key, value):
+            continue
         if key == "f":
             fmt = value
         elif key == "r":
@@ -155,20 +157,13 @@ async def _main(session: Session, argv: list[str]) -> int:
             output = value
         elif key == "T":
             cache = value
-        elif key == "q":
-            quiet = True
-        elif key == "U":
-            force_share = True
-        elif key == "image-opts":
-            image_opts = True
-        elif key == "object":
-            raise ImgExit.no_object()
     expect(rest, 1, "Expecting one image file name")
     filename = rest[0]
     if output not in (None, "human", "json"):
         raise ImgExit("--output must be used with human or json as argument.")
     cache_mode(cache, "Invalid source cache option: {0}")
-    top = await open_for_check(session, filename, fmt, image_opts, bool(fix), force_share, cache)
+    quiet = common.quiet
+    top = await open_for_check(session, filename, fmt, common.image_opts, bool(fix), common.force_share, cache)
     node = check_node(top)
     if node is None:
         raise ImgExit("This image format does not support checks", NOT_SUPPORTED)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+import attrs
+
 PROG = "qemu-img"
 INT64_MAX = (1 << 63) - 1
 INT_MAX = (1 << 31) - 1
@@ -33,6 +35,29 @@ class ImgExit(Exception):
     def no_object(cls, code: int = 1) -> ImgExit:
         """``--object``: secrets, TLS credentials and throttle groups have no plugin yet."""
         return cls("--object is not supported by blockgraph img", code)
+
+
+@attrs.define
+class CommonFlags:
+    """The switches most qemu-img subcommands share: ``-q``, ``-U``, ``--image-opts``, ``--object``."""
+
+    quiet: bool = False
+    force_share: bool = False
+    image_opts: bool = False
+
+    def take(self, key: str, value: str | None) -> bool:
+        """Handle one parsed option if it is a shared switch; False leaves it to the subcommand."""
+        if key == "q":
+            self.quiet = True
+        elif key == "U":
+            self.force_share = True
+        elif key == "image-opts":
+            self.image_opts = True
+        elif key == "object":
+            raise ImgExit.no_object()
+        else:
+            return False
+        return True
 
 
 def usage_error(msg: str) -> ImgExit:

@@ -19,7 +19,7 @@ from ..driver import Status
 from ..errors import BlockGraphError, DriverNotFound
 from ..io import block_status, block_status_above, preadv
 from .img_commit import find_backing_image
-from .img_opts import Getopt, ImgExit, expect, usage_error
+from .img_opts import CommonFlags, Getopt, ImgExit, expect, usage_error
 from .img_snapshot import call
 from .img_util import Progress, cache_mode, format_class, open_backend, run
 
@@ -129,8 +129,11 @@ async def _main(session: Session, argv: list[str]) -> int:
                                              "force-share": (False, "U")}).parse(argv)
     fmt = new_fmt = new_name = None
     cache = src_cache = "writeback"
-    unsafe = progress = quiet = image_opts = force_share = False
+    unsafe = progress = False
+    common = CommonFlags()
     for key, value in opts:
+        if common.take(key, value):
+            continue
         if key == "f":
             fmt = value
         elif key == "F":
@@ -145,18 +148,11 @@ async def _main(session: Session, argv: list[str]) -> int:
             cache = value
         elif key == "T":
             src_cache = value
-        elif key == "q":
-            quiet = True
-        elif key == "U":
-            force_share = True
-        elif key == "image-opts":
-            image_opts = True
-        elif key == "object":
-            raise ImgExit.no_object()
     expect(rest, 1, "Expecting one image file name")
     if not unsafe and new_name is None:
         raise usage_error("Must specify backing file (-b) or use unsafe mode (-u)")
     filename = rest[0]
+    quiet, image_opts, force_share = common.quiet, common.image_opts, common.force_share
     meter = Progress(progress and not quiet, 2.0)
     meter.print(0, 100)
     try:

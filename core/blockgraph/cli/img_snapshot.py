@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..driver import SnapshotInfo
 from ..errors import BlockGraphError
-from .img_opts import Getopt, ImgExit, usage_error
+from .img_opts import CommonFlags, Getopt, ImgExit, usage_error
 from .img_util import open_backend, run, size_to_str
 
 if TYPE_CHECKING:
@@ -102,24 +102,18 @@ async def _main(session: Session, argv: list[str]) -> int:
                                        "force-share": (False, "U")}).parse(argv)
     action: str | None = None
     name = ""
-    quiet = image_opts = force_share = False
+    common = CommonFlags()
     for key, value in opts:
+        if common.take(key, value):
+            continue
         if key in ("l", "a", "c", "d"):
             if action is not None:
                 raise usage_error("Cannot mix '-l', '-a', '-c', '-d'")
             action, name = key, value or ""
-        elif key == "q":
-            quiet = True
-        elif key == "U":
-            force_share = True
-        elif key == "image-opts":
-            image_opts = True
-        elif key == "object":
-            raise ImgExit.no_object()
     if len(rest) != 1:
         raise usage_error("Expecting one image file name")
-    blk = await open_backend(session, rest[0], image_opts=image_opts, read_only=action == "l",
-                             force_share=force_share, share_all=False)
+    blk = await open_backend(session, rest[0], image_opts=common.image_opts, read_only=action == "l",
+                             force_share=common.force_share, share_all=False)
     node = blk.node
     target = snapshot_node(node)
     if action == "l":
@@ -154,5 +148,5 @@ async def _main(session: Session, argv: list[str]) -> int:
             await call(target.driver.snapshot_delete, sn.id, sn.name)
         except BlockGraphError as e:
             raise ImgExit(f"Could not delete snapshot '{name}': {_errno_text(e) or e}") from None
-    del quiet  # qemu-img snapshot prints nothing else either way
+    # -q: qemu-img snapshot prints nothing else either way
     return 0
