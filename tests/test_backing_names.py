@@ -37,7 +37,6 @@ def test_backing_null_or_empty_opens_no_backing_file(tmp_path, spelling) -> None
     import asyncio
     import subprocess
 
-    pytest.importorskip("blockgraph_qcow2")
     from blockgraph.session import Session
 
     base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"

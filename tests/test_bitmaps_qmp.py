@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import qemu.qmp as qmp_mod  # the test extra; CI installs it
 from blockgraph.daemon.harness import QSD, ServeProcess
 
-qmp_mod = pytest.importorskip("qemu.qmp", reason="qemu.qmp (the test extra) is not installed")
 pytestmark = pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None or shutil.which("qemu-img") is None,
                                 reason="qemu-storage-daemon / qemu-img (Debian qemu-utils) not installed")
 

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import qemu.qmp as qmp_mod  # the test extra; CI installs it
 from blockgraph.daemon.harness import ServeProcess
 
-qmp_mod = pytest.importorskip("qemu.qmp", reason="qemu.qmp (the test extra) is not installed")
 QEMU = shutil.which("qemu-system-x86_64")
 pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 (Debian qemu-system-x86) not installed")
 MiB = 1 << 20

@@ -12,26 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import qemu.qmp as qmp_mod  # the test extra; CI installs it
 from blockgraph.daemon.harness import ServeProcess
 
-qmp_mod = pytest.importorskip("qemu.qmp", reason="qemu.qmp (the test extra) is not installed")
 QMPClient = qmp_mod.QMPClient
 CHUNK = 65536
 OVERLAY_NO_BACKING = '{"driver": "qcow2", "file": "f1", "node-name": "ov", "backing": null}'
 MiB = 1 << 20
-
-
-def has_qcow2() -> bool:
-    try:
-        from blockgraph.plugins import PluginHost
-
-        cls = PluginHost().driver("qcow2")
-    except Exception:
-        return False
-    return callable(getattr(cls, "create", None))
-
-
-needs_qcow2 = pytest.mark.skipif(not has_qcow2(), reason="blockgraph-qcow2 is not installed")
 
 
 def pattern(i: int) -> int:
@@ -120,7 +107,6 @@ def test_shutdown_with_a_writer_active_keeps_every_acknowledged_write(tmp_path: 
     reference_compare(img, "raw", acked, tmp_path, 4 * MiB)
 
 
-@needs_qcow2
 def test_snapshot_sync_between_writes_keeps_every_write(tmp_path: Path) -> None:
     base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), str(4 * MiB)], check=True)
@@ -155,7 +141,6 @@ def test_snapshot_sync_between_writes_keeps_every_write(tmp_path: Path) -> None:
     assert f"backing file: {base}" in info
 
 
-@needs_qcow2
 def test_blockdev_snapshot_attaches_an_existing_overlay(tmp_path: Path) -> None:
     base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), str(MiB)], check=True)
@@ -196,7 +181,6 @@ def test_blockdev_snapshot_attaches_an_existing_overlay(tmp_path: Path) -> None:
     assert "Pattern verification failed" not in r.stdout and r.returncode == 0
 
 
-@needs_qcow2
 def test_internal_snapshot_create_and_delete(tmp_path: Path) -> None:
     img = tmp_path / "i.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), str(MiB)], check=True)

@@ -12,15 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import qemu.qmp as qmp_mod  # the test extra; CI installs it
 from blockgraph.daemon.harness import ServeProcess
-from blockgraph.plugins import PluginHost
 
-qmp_mod = pytest.importorskip("qemu.qmp", reason="qemu.qmp (the test extra) is not installed")
-_host = PluginHost()
-pytestmark = [
-    pytest.mark.skipif("nbd" not in _host.table("exports"), reason="blockgraph-nbd (the nbd export) not installed"),
-    pytest.mark.skipif("qcow2" not in _host.drivers, reason="blockgraph-qcow2 is not installed"),
-]
 CHUNK = 65536
 MiB = 1 << 20
 WROTE = re.compile(r"^wrote 65536/65536 bytes at offset (\d+)$", re.M)

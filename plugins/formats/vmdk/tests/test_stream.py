@@ -126,7 +126,7 @@ def test_broken_footer_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "vm.vmdk"
     vmware_stream(path, {0: b"\x33" * GRAIN})
     raw = bytearray(path.read_bytes())
-    raw[-1024:-1020] = b"XXXX"
+    raw[-1024:-1020] = bytes(4)  # the footer's "KDMV" magic, zeroed
     path.write_bytes(raw)
     from blockgraph.errors import OpenError
 

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import qemu.qmp as qmp_mod  # the test extra; CI installs it
 from blockgraph.daemon.harness import QSD, ServeProcess
 
-qmp_mod = pytest.importorskip("qemu.qmp", reason="qemu.qmp (the test extra) is not installed")
 QMPClient, ExecuteError = qmp_mod.QMPClient, qmp_mod.ExecuteError
 if "/usr/lib/python3/dist-packages" not in sys.path:
     sys.path.append("/usr/lib/python3/dist-packages")
