@@ -31,7 +31,7 @@ def build_image(path: str, size: int) -> None:
     try:
         os.ftruncate(fd, size)
         for off in range(0, size, 2 * EXTENT):
-            os.pwrite(fd, os.urandom(EXTENT), off)
+            os.pwrite(fd, os.urandom(min(EXTENT, size - off)), off)
     finally:
         os.close(fd)
     subprocess.run(["sync"], check=True)

@@ -20,21 +20,7 @@ import subprocess
 import time
 
 from _common import blockgraph_cmd, machine, need, scratch_dir, summary, time_commands
-
-EXTENT = 8 << 20
-
-
-def build_image(path: str, size: int) -> None:
-    if os.path.exists(path) and os.path.getsize(path) == size:
-        return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.ftruncate(fd, size)
-        for off in range(0, size, 2 * EXTENT):
-            os.pwrite(fd, os.urandom(min(EXTENT, size - off)), off)
-    finally:
-        os.close(fd)
-    subprocess.run(["sync"], check=True)
+from bench_convert import build_image
 
 
 def serve(qemu_nbd: str, image: str, sock: str, tcp: bool) -> tuple[subprocess.Popen, str]:

@@ -12,6 +12,7 @@ import errno
 import uuid
 from array import array
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import attrs
@@ -324,15 +325,21 @@ class VpcDriver:
 
     # ------------------------------------------------------------ data path
 
+    def _chunks(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int, int]]:
+        """(position in the buffer, guest offset, block, offset in block, length) per block a request touches."""
+        pos = 0
+        while pos < length:
+            off = offset + pos
+            block, in_block = divmod(off, self.block_size)
+            n = min(length - pos, self.block_size - in_block)
+            yield pos, off, block, in_block, n
+            pos += n
+
     async def preadv(self, offset: int, buf: memoryview, flags: ReqFlags) -> None:
         if self.fixed:
             await self.file.preadv(offset, buf, flags)
             return
-        pos, end = 0, len(buf)
-        while pos < end:
-            off = offset + pos
-            block, in_block = divmod(off, self.block_size)
-            n = min(end - pos, self.block_size - in_block)
+        for pos, off, block, in_block, n in self._chunks(offset, len(buf)):
             if self._entry(block) == UNALLOCATED:
                 await self._read_absent(off, buf[pos:pos + n])
             else:
@@ -347,17 +354,12 @@ class VpcDriver:
                     else:
                         await self._read_absent(off + done * SECTOR, piece)
                     done += run
-            pos += n
 
     async def pwritev(self, offset: int, buf: memoryview, flags: ReqFlags) -> None:
         if self.fixed:
             await self.file.pwritev(offset, buf, flags)
             return
-        pos, end = 0, len(buf)
-        while pos < end:
-            off = offset + pos
-            block, in_block = divmod(off, self.block_size)
-            n = min(end - pos, self.block_size - in_block)
+        for pos, _off, block, in_block, n in self._chunks(offset, len(buf)):
             piece = buf[pos:pos + n]
             if self._entry(block) == UNALLOCATED:
                 await self._allocate(block, in_block, piece)
@@ -367,7 +369,6 @@ class VpcDriver:
                 if _set_bits(bm, in_block // SECTOR, n // SECTOR):
                     # After the data: a crash in between leaves the old (unmarked) state, never garbage.
                     await self.file.pwritev(self._entry(block) * SECTOR, memoryview(bm))
-            pos += n
 
     async def _allocate(self, block: int, in_block: int, data: memoryview) -> None:
         """A new block at the end of the file, where the trailing footer is now.
