@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from blockgraph.errors import OptionError
 from blockgraph.session import Session
-from blockgraph_qcow2.options import Qcow2Options, cache_clusters, cache_sizes
+from blockgraph_qcow2.options import Qcow2Options, cache_entries, cache_sizes
 from blockgraph_qcow2.testing import HAVE_QEMU, bg_create, qemu_img
 
 
@@ -23,7 +23,7 @@ def _open(path: Path, **opts: Any) -> Any:
             node = await session.open_node({"driver": "qcow2", "file": {"driver": "file", "filename": str(path)},
                                             **opts})
             img = node.driver.img
-            return img.l2_cache.capacity, img.rc.cache.capacity
+            return img.l2_cache.capacity, img.l2_cache.table_size, img.rc.cache.capacity
         finally:
             await session.close()
 
@@ -49,10 +49,11 @@ def test_cache_option_errors(tmp_path: Path, opts: dict[str, str], message: str)
 
 def test_cache_defaults_follow_qemu() -> None:
     o = Qcow2Options()
-    # 1 GiB at 64 KiB clusters: the L2 cache covers the whole image (2 tables), refcount cache 4 clusters.
+    # 1 GiB at 64 KiB clusters: the L2 cache covers the whole image (2 tables = 32 slices of 4 KiB),
+    # refcount cache 4 clusters.
     l2, entry, rc = cache_sizes(o, 65536, 1 << 30, 8)
     assert (l2, entry, rc) == (131072, 4096, 262144)
-    assert cache_clusters(l2, rc, 65536) == (2, 4)
+    assert cache_entries(l2, entry, rc, 65536) == (32, 4)
     # A huge image: capped at 32 MiB of L2 tables.
     assert cache_sizes(o, 65536, 1 << 50, 8)[0] == 32 << 20
     # cache-size alone: the L2 share covers the image, the rest goes to refcounts.
@@ -62,8 +63,12 @@ def test_cache_defaults_follow_qemu() -> None:
 
 def test_cache_is_bounded_by_the_options(tmp_path: Path) -> None:
     path = bg_create(tmp_path / "img.qcow2", 64 << 30)
-    assert _open(path) == (128, 4)  # 8 MiB of L2 tables (128 of 64 KiB) for 64 GiB
-    assert _open(path, **{"l2-cache-size": "256k", "refcount-cache-size": "512k"}) == (4, 8)
+    # 8 MiB of L2 tables for 64 GiB, held in 2048 slices of 4 KiB (QEMU's default entry size)
+    assert _open(path) == (2048, 4096, 4)
+    assert _open(path, **{"l2-cache-size": "256k", "refcount-cache-size": "512k"}) == (64, 4096, 8)
+    assert _open(path, **{"l2-cache-size": "256k", "l2-cache-entry-size": "64k"}) == (4, 65536, 4)
+    assert _open(path, **{"l2-cache-size": "1k", "l2-cache-entry-size": "512"}) == (2, 512, 4)
+    assert _open(path, **{"l2-cache-size": "512", "l2-cache-entry-size": "512"}) == (2, 512, 4)  # QEMU's minimum
 
 
 def test_lazy_refcounts_need_v3(tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ from .constants import (
     OFLAG_COPIED,
     OFLAG_ZERO,
 )
+from .image import L2Slice
 
 AMEND_OPTIONS = ("backing_file", "backing_fmt", "compat", "data_file", "data_file_raw", "encrypt.iter-time",
                  "lazy_refcounts", "refcount_bits", "size")
@@ -115,9 +116,9 @@ async def has_compressed_clusters(drv: Any) -> bool:
     for _, l1 in await _all_l1s(drv):
         for e in l1:
             if e & L1E_OFFSET_MASK:
-                table = await img.read_l2(e & L1E_OFFSET_MASK)
-                if any(img.l2_get(table, i)[0] & OFLAG_COMPRESSED for i in range(img.l2_entries)):
-                    return True
+                async for t in img.l2_slices(e & L1E_OFFSET_MASK):
+                    if any(img.l2_get(t, i)[0] & OFLAG_COMPRESSED for i in img.slice_range(t)):
+                        return True
     return False
 
 
@@ -134,31 +135,34 @@ async def expand_zero_clusters(drv: Any) -> None:
             if not l2_off or l2_off in seen:
                 continue
             seen.add(l2_off)
-            table = await img.read_l2(l2_off)
             l2_refs = await img.rc.get(l2_off >> img.cbits)
-            dirty = False
-            for i in range(img.l2_entries):
-                entry, bitmap = img.l2_get(table, i)
-                if entry & OFLAG_COMPRESSED or not entry & OFLAG_ZERO:
-                    continue
-                host = entry & L2E_OFFSET_MASK
-                if not host:
-                    if drv.backing is None:
-                        img.l2_put(table, i, 0, bitmap)
-                        dirty = True
-                        continue
-                    host = await img.rc.alloc_clusters(1)
-                    if l2_refs > 1:
-                        await img.rc.update(host, 1, l2_refs - 1)
-                    await img.rc.flush()
-                await img.file.pwritev(host, zeros)
-                await img.file.flush()
-                refs = await img.rc.get(host >> img.cbits)
-                img.l2_put(table, i, host | (OFLAG_COPIED if refs == 1 else 0), bitmap)
-                dirty = True
-            if dirty:
-                img.l2_cache.mark_dirty(l2_off)
+            async for table in img.l2_slices(l2_off):
+                await _expand_in_slice(drv, table, l2_refs, zeros)
     await img.flush_metadata()
+
+
+async def _expand_in_slice(drv: Any, table: L2Slice, l2_refs: int, zeros: memoryview) -> None:
+    img = drv.img
+    for i in img.slice_range(table):
+        entry, bitmap = img.l2_get(table, i)
+        if entry & OFLAG_COMPRESSED or not entry & OFLAG_ZERO:
+            continue
+        host = entry & L2E_OFFSET_MASK
+        if not host:
+            if drv.backing is None:
+                img.l2_put(table, i, 0, bitmap)
+                img.l2_cache.mark_dirty(table.off)
+                continue
+            host = await img.rc.alloc_clusters(1)
+            if l2_refs > 1:
+                await img.rc.update(host, 1, l2_refs - 1)
+            await img.rc.flush()
+        await img.file.pwritev(host, zeros)
+        await img.file.flush()
+        refs = await img.rc.get(host >> img.cbits)
+        table = await img.read_l2(table.table_off, i)  # the same slice, read again if it left the cache
+        img.l2_put(table, i, host | (OFLAG_COPIED if refs == 1 else 0), bitmap)
+        img.l2_cache.mark_dirty(table.off)
 
 
 async def change_refcount_bits(drv: Any, bits: int) -> None:

@@ -1,7 +1,11 @@
-"""A bounded write-back cache of cluster-sized metadata tables (QEMU's Qcow2Cache).
+"""A bounded write-back cache of metadata tables or table slices (QEMU's Qcow2Cache).
 
-Entries are whole tables (one cluster) keyed by host offset. ``get`` returns the live bytearray; a caller
-that modifies it calls ``mark_dirty`` before its next ``await``. Ordering between caches (crash safety):
+Entries are ``table_size`` bytes keyed by host offset: whole refcount blocks, and L2 tables in slices of
+``l2-cache-entry-size`` bytes (so a miss on a 2 MiB-cluster image reads 4 KiB, not 2 MiB). ``get`` returns
+the live bytearray; a caller that modifies it calls ``mark_dirty`` before its next ``await`` (only clean
+entries are evicted, so a reference held across an ``await`` may have left the cache: fetch it again).
+
+Ordering between caches (crash safety):
 
 * ``depends_on``: another cache whose dirty entries must reach the file (and be flushed) before ours;
 * ``needs_flush``: the file must be flushed before our dirty entries are written (data before L2 entries).
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -18,8 +23,10 @@ if TYPE_CHECKING:
 
 
 class MetaCache:
-    def __init__(self, name: str, file: Child, table_size: int, capacity: int) -> None:
+    def __init__(self, name: str, file: Child, table_size: int, capacity: int,
+                 factory: Callable[[int, int], bytearray] | None = None) -> None:
         self.name = name
+        self.factory = factory or (lambda offset, size: bytearray(size))  # a new entry for host ``offset``
         self.file = file
         self.table_size = table_size
         self.capacity = max(2, capacity)
@@ -50,7 +57,7 @@ class MetaCache:
             return await asyncio.shield(fut)
         fut = self.loading[offset] = asyncio.get_running_loop().create_future()
         try:
-            buf = bytearray(self.table_size)
+            buf = self.factory(offset, self.table_size)
             await self.file.preadv(offset, memoryview(buf))
             await self._make_room()
             t = self.entries.setdefault(offset, buf)
@@ -66,7 +73,9 @@ class MetaCache:
     async def new(self, offset: int, content: bytes | None = None) -> bytearray:
         """A table for a freshly allocated cluster, without reading it; dirty."""
         await self._make_room()
-        t = bytearray(content) if content is not None else bytearray(self.table_size)
+        t = self.factory(offset, self.table_size)
+        if content is not None:
+            t[:] = content
         self.entries[offset] = t
         self.entries.move_to_end(offset)
         self.dirty.add(offset)
@@ -75,10 +84,11 @@ class MetaCache:
     def mark_dirty(self, offset: int) -> None:
         self.dirty.add(offset)
 
-    def discard(self, offset: int) -> None:
-        """Forget a table whose cluster was freed (its contents no longer matter)."""
-        self.entries.pop(offset, None)
-        self.dirty.discard(offset)
+    def discard(self, offset: int, length: int | None = None) -> None:
+        """Forget the entries in ``[offset, offset+length)`` (default: one entry), e.g. a freed table's."""
+        for off in range(offset, offset + (length or self.table_size), self.table_size):
+            self.entries.pop(off, None)
+            self.dirty.discard(off)
 
     def clear_clean(self) -> None:
         """Drop every clean entry (cache-clean-interval)."""

@@ -185,7 +185,7 @@ class Checker:
             self.msg(f"ERROR: Failed to overwrite L2 table entry: {e}")
             self.res.check_errors += 1
             return False
-        img.l2_cache.discard(l2_off)
+        img.discard_l2(l2_off)
         self.res.corruptions -= 1
         self.res.corruptions_fixed += 1
         return True
@@ -401,7 +401,7 @@ class Checker:
                         struct.pack_into(">Q", table, j * esize, entry)
                         dirty += 1
             if dirty:
-                img.l2_cache.discard(l2_off)
+                img.discard_l2(l2_off)
                 await img.file.pwritev(l2_off, memoryview(table))
                 res.corruptions -= dirty
                 res.corruptions_fixed += dirty

@@ -32,7 +32,7 @@ from .constants import (
 from .header import Header
 from .image import Image
 from .measure import MeasureMixin
-from .options import CREATE_SHOWN_DEFAULTS, Qcow2CreateOptions, Qcow2Options, cache_clusters, cache_sizes
+from .options import CREATE_SHOWN_DEFAULTS, Qcow2CreateOptions, Qcow2Options, cache_entries, cache_sizes
 from .resize import ResizeMixin
 from .snapshot import SnapshotMixin
 from .vmstate import VmstateMixin
@@ -81,12 +81,12 @@ class Qcow2Driver(WriteMixin, FullDiscardMixin, ResizeMixin, CheckMixin, Snapsho
         if lazy and h.version < 3:
             raise OptionError("Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level")
         try:
-            l2_bytes, _, rc_bytes = cache_sizes(options, h.cluster_size, h.size, h.l2_entry_size)
+            l2_bytes, slice_size, rc_bytes = cache_sizes(options, h.cluster_size, h.size, h.l2_entry_size)
         except OptionError as e:
             raise OptionError(e.reason, option=e.option) from None  # QEMU prints the reason alone
-        l2_n, rc_n = cache_clusters(l2_bytes, rc_bytes, h.cluster_size)
-        self.img = img = Image(self.file, h, node_name=node.node_name, l2_cache_clusters=l2_n,
-                               refcount_cache_clusters=rc_n)
+        l2_n, rc_n = cache_entries(l2_bytes, slice_size, rc_bytes, h.cluster_size)
+        self.img = img = Image(self.file, h, node_name=node.node_name, l2_cache_entries=l2_n,
+                               l2_slice_size=slice_size, refcount_cache_clusters=rc_n)
         img.lazy = lazy
         self.cluster_size = h.cluster_size
         await img.load(self.file.getlength())

@@ -6,8 +6,11 @@
 * ``img.h`` (:class:`~.header.Header`), ``img.cs`` (cluster size), ``img.l1`` (list of L1 entries),
   ``img.l2_cache`` (:class:`~.cache.MetaCache`), ``img.rc`` (:class:`~.refcount.Refcounts`), ``img.file``,
   ``img.data`` (the child holding guest data: ``file`` or the external ``data-file``);
-* ``await img.read_l2(l2_offset)`` -> bytearray table; ``l2_get(table, i)`` -> (entry, bitmap);
-  ``l2_put(table, i, entry, bitmap)``;
+* ``await img.read_l2(l2_offset, i)`` -> the :class:`L2Slice` holding entry ``i`` of that table (the cache
+  holds ``l2-cache-entry-size`` slices, as QEMU); ``l2_get(slice, i)`` -> (entry, bitmap) and
+  ``l2_put(slice, i, entry, bitmap)`` take the index in the whole table; ``img.l2_slices(l2_offset)`` walks a
+  table slice by slice; ``img.slice_end(c)`` is the first guest cluster after the slice mapping cluster ``c``;
+  after changing a slice, ``img.l2_cache.mark_dirty(slice.off)`` before the next ``await``;
 * ``await img.lookup(guest_offset)`` -> ``Mapping``; ``await img.write_header()``; ``await img.write_l1_entry(i)``;
 * ``await img.flush_metadata()`` writes dirty refcount blocks and L2 tables in order.
 """
@@ -15,6 +18,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, NamedTuple
 
 from blockgraph.errors import ImageCorrupt
@@ -58,9 +62,26 @@ class Mapping(NamedTuple):
     length: int
 
 
+class L2Slice(bytearray):
+    """Part of one L2 table as the cache holds it: ``off`` is its host offset, ``start`` its byte offset
+    within the table (entry ``i`` of the table is at ``entry_size * i - start`` in the slice)."""
+
+    __slots__ = ("off", "start")
+
+    def __init__(self, size: int, off: int, start: int) -> None:
+        super().__init__(size)
+        self.off = off
+        self.start = start
+
+    @property
+    def table_off(self) -> int:
+        """Host offset of the whole L2 table this slice belongs to."""
+        return self.off - self.start
+
+
 class Image:
-    def __init__(self, file: Child, header: Header, *, node_name: str = "", l2_cache_clusters: int = 16,
-                 refcount_cache_clusters: int = 4) -> None:
+    def __init__(self, file: Child, header: Header, *, node_name: str = "", l2_cache_entries: int = 16,
+                 l2_slice_size: int | None = None, refcount_cache_clusters: int = 4) -> None:
         self.file = file
         self.data: Child = file
         self.h = header
@@ -72,7 +93,11 @@ class Image:
         self.l2_bits = self.l2_entries.bit_length() - 1
         self.sc_size = self.cs // SUBCLUSTERS if self.extl2 else self.cs
         self.l1: list[int] = []
-        self.l2_cache = MetaCache("l2", file, self.cs, l2_cache_clusters)
+        self.esize = header.l2_entry_size  # bytes per L2 entry: 8, or 16 with extended L2
+        self.slice_size = l2_slice_size or self.cs
+        self.slice_entries = self.slice_size // self.esize
+        self.l2_cache = MetaCache("l2", file, self.slice_size, l2_cache_entries,
+                                  factory=lambda off, size: L2Slice(size, off, off & (self.cs - 1)))
         self.rc = Refcounts(file, header, refcount_cache_clusters, node_name)
         self.rc.overlap_check = self.overlaps_metadata
         self.rc.before_new_block = self.l2_cache.flush
@@ -119,14 +144,30 @@ class Image:
             raise self.corrupt(f"L2 table offset {off:#x} unaligned (L1 index: {l1_index:#x})")
         return off
 
-    async def read_l2(self, l2_off: int) -> bytearray:
-        t = self.l2_cache.peek(l2_off)
+    async def read_l2(self, l2_off: int, i: int = 0) -> L2Slice:
+        """The cached slice holding entry ``i`` of the L2 table at host ``l2_off``."""
+        off = l2_off + (i * self.esize & -self.slice_size)
+        t = self.l2_cache.peek(off)
         if t is not None:
-            return t
+            return t  # type: ignore[return-value]
         if l2_off >= self.file.getlength() or l2_off < self.cs:
             raise self.corrupt(f"L2 table offset {l2_off:#x} out of range (file length {self.file.getlength()})",
                                l2_off)
-        return await self.l2_cache.get(l2_off)
+        return await self.l2_cache.get(off)  # type: ignore[return-value]
+
+    async def l2_slices(self, l2_off: int) -> AsyncIterator[L2Slice]:
+        """Every slice of the L2 table at ``l2_off`` in order; entries ``range(*img.slice_range(slice))``."""
+        for i in range(0, self.l2_entries, self.slice_entries):
+            yield await self.read_l2(l2_off, i)
+
+    def slice_range(self, t: L2Slice) -> range:
+        """The table indexes of the entries in slice ``t``."""
+        first = t.start // self.esize
+        return range(first, first + self.slice_entries)
+
+    def slice_end(self, c: int) -> int:
+        """The first guest cluster after the L2 slice that maps guest cluster ``c``."""
+        return (c // self.slice_entries + 1) * self.slice_entries
 
     def overlaps_metadata(self, host: int, length: int) -> str | None:
         """Which metadata structure a data write to ``[host, host+length)`` would hit (QEMU's overlap check
@@ -168,16 +209,27 @@ class Image:
             self._l2_key = key
         return self._l2_set
 
-    def l2_get(self, table: bytearray, i: int) -> tuple[int, int]:
+    def l2_get(self, t: L2Slice, i: int) -> tuple[int, int]:
+        """(entry, bitmap) of entry ``i`` of the table, which must lie in slice ``t``."""
+        pos = self.esize * i - t.start
+        if pos < 0:  # struct would count a negative offset from the end: a caller passed the wrong slice
+            raise IndexError(f"L2 entry {i} is not in the slice at {t.off:#x}")
         if self.extl2:
-            return _QQ.unpack_from(table, 16 * i)
-        return _Q.unpack_from(table, 8 * i)[0], 0
+            return _QQ.unpack_from(t, pos)
+        return _Q.unpack_from(t, pos)[0], 0
 
-    def l2_put(self, table: bytearray, i: int, entry: int, bitmap: int = 0) -> None:
+    def l2_put(self, t: L2Slice, i: int, entry: int, bitmap: int = 0) -> None:
+        pos = self.esize * i - t.start
+        if pos < 0:
+            raise IndexError(f"L2 entry {i} is not in the slice at {t.off:#x}")
         if self.extl2:
-            _QQ.pack_into(table, 16 * i, entry, bitmap)
+            _QQ.pack_into(t, pos, entry, bitmap)
         else:
-            _Q.pack_into(table, 8 * i, entry)
+            _Q.pack_into(t, pos, entry)
+
+    def discard_l2(self, l2_off: int) -> None:
+        """Forget every cached slice of the L2 table at ``l2_off`` (freed, or rewritten behind the cache)."""
+        self.l2_cache.discard(l2_off, self.cs)
 
     async def entry_at(self, guest_offset: int) -> tuple[int, int]:
         """The raw (entry, bitmap) of the guest cluster containing ``guest_offset`` ((0, 0) if no L2 table)."""
@@ -185,8 +237,8 @@ class Image:
         l2_off = self.l2_offset(ci >> self.l2_bits)
         if not l2_off:
             return 0, 0
-        table = await self.read_l2(l2_off)
-        return self.l2_get(table, ci & (self.l2_entries - 1))
+        i = ci & (self.l2_entries - 1)
+        return self.l2_get(await self.read_l2(l2_off, i), i)
 
     def classify(self, entry: int, bitmap: int, sc: int) -> tuple[int, int]:
         """(ClusterType, host cluster offset) of subcluster ``sc`` (0 without extended L2) of an L2 entry."""
@@ -225,9 +277,9 @@ class Image:
             # No L2 table: unallocated up to the end of what this L1 entry covers.
             span = ((l1i + 1) << (self.l2_bits + self.cbits)) - offset
             return Mapping(ClusterType.UNALLOCATED, 0, min(length, span))
-        table = await self.read_l2(l2_off)
-        mask = self.l2_entries - 1
-        i = ci & mask
+        i = ci & (self.l2_entries - 1)
+        table = await self.read_l2(l2_off, i)
+        last = i | (self.slice_entries - 1)  # the run ends with the slice
         entry, bitmap = self.l2_get(table, i)
         sc = in_cluster // sc_size if self.extl2 else 0
         typ, host = self.classify(entry, bitmap, sc)
@@ -251,7 +303,7 @@ class Image:
                 nsc = ((in_cluster + got) & (self.cs - 1)) // sc_size
                 t2, h2 = self.classify(entry, bitmap, nsc)
             else:
-                if i + pos_c > mask:
+                if i + pos_c > last:
                     break
                 entry, bitmap = self.l2_get(table, i + pos_c)
                 t2, h2 = self.classify(entry, bitmap, 0)

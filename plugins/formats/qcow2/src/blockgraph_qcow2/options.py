@@ -9,7 +9,7 @@ from blockgraph.options import one_of, opt, optional, parse_bool, parse_int, par
 from .constants import (
     DEFAULT_CACHE_CLEAN_INTERVAL,
     DEFAULT_L2_CACHE_MAX,
-    MIN_L2_CACHE_CLUSTERS,
+    MIN_L2_CACHE_ENTRIES,
     MIN_REFCOUNT_CACHE_CLUSTERS,
 )
 
@@ -79,9 +79,9 @@ def cache_sizes(o: Qcow2Options, cluster_size: int, virtual_size: int, l2_entry_
     return l2, entry, rc
 
 
-def cache_clusters(l2_bytes: int, rc_bytes: int, cluster_size: int) -> tuple[int, int]:
-    """Cache capacities in whole tables (this cache holds full L2 tables), with QEMU's minimums."""
-    return (max(MIN_L2_CACHE_CLUSTERS, -(-l2_bytes // cluster_size)),
+def cache_entries(l2_bytes: int, l2_entry_size: int, rc_bytes: int, cluster_size: int) -> tuple[int, int]:
+    """Cache capacities in entries (L2 slices, refcount blocks), with QEMU's minimums."""
+    return (max(MIN_L2_CACHE_ENTRIES, l2_bytes // l2_entry_size),
             max(MIN_REFCOUNT_CACHE_CLUSTERS, rc_bytes // cluster_size))
 
 

@@ -6,7 +6,7 @@ import errno
 import struct
 from typing import Any
 
-from blockgraph.driver import PreallocMode
+from blockgraph.driver import PreallocMode, ReqFlags
 from blockgraph.errors import BlockGraphError, BlockIOError
 
 from .constants import L1E_OFFSET_MASK, L2E_OFFSET_MASK, MAX_L1_BYTES, OFLAG_COPIED, SUBCLUSTERS
@@ -102,10 +102,9 @@ class ResizeMixin:
         last = -(-end // cs)
         host_end = 0
         while c < last:
-            l1i = c >> img.l2_bits
-            stop = min(last, (l1i + 1) << img.l2_bits)
+            stop = min(last, img.slice_end(c))
             async with self.meta_lock:
-                _, table = await self._get_l2_for_write(l1i)  # type: ignore[attr-defined]
+                _, table = await self._get_l2_for_write(c)  # type: ignore[attr-defined]
                 await self._meta_changing()  # type: ignore[attr-defined]
                 todo = [k for k in range(c, stop) if not img.l2_get(table, k & (img.l2_entries - 1))[0]]
                 if todo:
@@ -113,13 +112,14 @@ class ResizeMixin:
                         host = todo[0] << cbits
                     else:
                         host = await img.rc.alloc_clusters(len(todo))
-                    _, table = await self._get_l2_for_write(l1i)  # type: ignore[attr-defined]
+                        await self._zero_reused(host, len(todo) << cbits)
+                    _, table = await self._get_l2_for_write(c)  # type: ignore[attr-defined]
                     for n, k in enumerate(todo):
                         hoff = (k << cbits) if img.has_data_file else host + (n << cbits)
                         img.l2_put(table, k & (img.l2_entries - 1), hoff | OFLAG_COPIED,
                                    _ALL_ALLOC if img.extl2 else 0)
                         host_end = max(host_end, hoff + cs)
-                    img.l2_cache.mark_dirty(img.l2_offset(l1i))
+                    img.l2_cache.mark_dirty(table.off)
             c = stop
         async with self.meta_lock:
             await img.flush_metadata()
@@ -128,6 +128,14 @@ class ResizeMixin:
             host_end = max(host_end, end)
         if host_end > target.getlength():
             await target.truncate(host_end, False, mode if mode is not PreallocMode.METADATA else PreallocMode.OFF)
+
+    async def _zero_reused(self, host: int, length: int) -> None:
+        """Clusters freed earlier and allocated again still hold old data: zero them before an L2 entry maps
+        them, so a preallocated cluster reads zeros. (QEMU 7.2 skips this and shows the stale bytes.)"""
+        old_end = min(host + length, self.file.getlength())
+        if old_end > host:
+            await self.file.pwrite_zeroes(host, old_end - host, ReqFlags.NONE)
+            self.img.l2_cache.needs_flush = True
 
     async def _preallocate_area(self, old: int, new: int, mode: PreallocMode) -> None:
         """falloc/full as QEMU: refcount structures for everything first (a new refcount table past the used
@@ -156,18 +164,17 @@ class ResizeMixin:
             await self.data.pwritev(alloc_start << cbits, memoryview(buf))
         c = first_c
         while c < first_c + n_data:
-            l1i = c >> img.l2_bits
-            stop = min(first_c + n_data, (l1i + 1) << img.l2_bits)
+            stop = min(first_c + n_data, img.slice_end(c))
             async with self.meta_lock:
                 await self._meta_changing()  # type: ignore[attr-defined]
-                _, table = await self._get_l2_for_write(l1i)  # type: ignore[attr-defined]
+                _, table = await self._get_l2_for_write(c)  # type: ignore[attr-defined]
                 old_entries = []
                 for k in range(c, stop):
                     i = k & (img.l2_entries - 1)
                     old_entries.append(img.l2_get(table, i)[0])
                     img.l2_put(table, i, ((alloc_start + k - first_c) << cbits) | OFLAG_COPIED,
                                _ALL_ALLOC if img.extl2 else 0)
-                img.l2_cache.mark_dirty(img.l2_offset(l1i))
+                img.l2_cache.mark_dirty(table.off)
                 img.l2_cache.needs_flush = True
                 freed = [e for e in old_entries if e & L2E_OFFSET_MASK]
                 if freed:
@@ -200,7 +207,7 @@ class ResizeMixin:
                 await img.write_l1()
                 await self.file.flush()
                 for off in freed:
-                    img.l2_cache.discard(off)
+                    img.discard_l2(off)
                     await img.rc.update(off, cs, -1)
         await self._set_size(length)
         if img.has_data_file:

@@ -28,7 +28,7 @@ from .constants import (
 )
 
 if TYPE_CHECKING:
-    from .image import Image
+    from .image import Image, L2Slice
 
 _ENTRY = struct.Struct(">QIHHIIQII")  # 40 bytes: l1 offset .. extra_data_size
 _EXTRA = struct.Struct(">QQQ")  # vm_state_size_large, disk_size, icount
@@ -163,40 +163,44 @@ async def update_refcounts(img: Image, l1: list[int], addend: int) -> bool:
             continue
         if l2_off % img.cs:
             raise img.corrupt(f"L2 table offset {l2_off:#x} unaligned (L1 index: {i:#x})")
-        table = await img.read_l2(l2_off)
-        dirty = False
-        for j in range(img.l2_entries):
-            entry, bitmap = img.l2_get(table, j)
-            new = entry & ~OFLAG_COPIED
-            typ, host = img.classify(new, bitmap, 0)
-            refcount = 0
-            if typ == ClusterType.COMPRESSED:
-                if addend:
-                    coff, nbytes = img.compressed_range(new)
-                    await rc.update(coff, nbytes, addend)
-                refcount = 2  # never rewritten in place
-            elif (new & L2E_OFFSET_MASK) and typ != ClusterType.COMPRESSED:
-                host = new & L2E_OFFSET_MASK
-                if addend and not img.has_data_file:
-                    await rc.update(host, 1, addend)
-                refcount = 1 if img.has_data_file else await rc.get(host >> img.cbits)
-            if refcount == 1:
-                new |= OFLAG_COPIED
-            if new != entry:
-                img.l2_put(table, j, new, bitmap)
-                dirty = True
-        if dirty:
-            img.l2_cache.mark_dirty(l2_off)
+        async for table in img.l2_slices(l2_off):
+            await _update_slice_refcounts(img, table, addend)
         if addend:
             await rc.update(l2_off, 1, addend)
         refcount = await rc.get(l2_off >> img.cbits)
         if refcount == 0:
-            img.l2_cache.discard(l2_off)
+            img.discard_l2(l2_off)
         new_l1e = l2_off | (OFLAG_COPIED if refcount == 1 else 0)
         if new_l1e != l1e:
             l1[i] = new_l1e
             changed = True
     return changed
+
+
+async def _update_slice_refcounts(img: Image, table: L2Slice, addend: int) -> None:
+    rc = img.rc
+    l2_off = table.table_off
+    for j in img.slice_range(table):
+        entry, bitmap = img.l2_get(table, j)
+        new = entry & ~OFLAG_COPIED
+        typ, host = img.classify(new, bitmap, 0)
+        refcount = 0
+        if typ == ClusterType.COMPRESSED:
+            if addend:
+                coff, nbytes = img.compressed_range(new)
+                await rc.update(coff, nbytes, addend)
+            refcount = 2  # never rewritten in place
+        elif (new & L2E_OFFSET_MASK) and typ != ClusterType.COMPRESSED:
+            host = new & L2E_OFFSET_MASK
+            if addend and not img.has_data_file:
+                await rc.update(host, 1, addend)
+            refcount = 1 if img.has_data_file else await rc.get(host >> img.cbits)
+        if refcount == 1:
+            new |= OFLAG_COPIED
+        if new != entry:
+            table = await img.read_l2(l2_off, j)  # the same slice, read again if it left the cache
+            img.l2_put(table, j, new, bitmap)
+            img.l2_cache.mark_dirty(table.off)
 
 
 class SnapshotMixin:

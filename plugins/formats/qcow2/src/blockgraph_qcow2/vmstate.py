@@ -70,13 +70,13 @@ async def discard_vmstate(drv: Any, size: int) -> None:
         l2_off = img.l2_offset(l1i)
         if not l2_off or not img.l1[l1i] & (1 << 63):
             continue  # no table, or one still shared with a snapshot: nothing of ours to drop
-        table = await img.read_l2(l2_off)
         i = c & (img.l2_entries - 1)
+        table = await img.read_l2(l2_off, i)
         entry, _ = img.l2_get(table, i)
         if not entry:
             continue
         img.l2_put(table, i, OFLAG_ZERO if img.h.version >= 3 and not img.extl2 else 0, 0)
-        img.l2_cache.mark_dirty(l2_off)
+        img.l2_cache.mark_dirty(table.off)
         await img.l2_cache.flush()
         await img.file.flush()
         if entry & (1 << 62):

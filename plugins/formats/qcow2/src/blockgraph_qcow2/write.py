@@ -30,6 +30,7 @@ from .constants import (
     SUBCLUSTERS,
     ClusterType,
 )
+from .image import L2Slice
 
 CT = ClusterType
 _ALL_ALLOC = (1 << SUBCLUSTERS) - 1
@@ -60,20 +61,25 @@ class WriteMixin:
         else:
             img.l2_cache.set_dependency(img.rc.cache)
 
-    async def _get_l2_for_write(self, l1i: int) -> tuple[int, bytearray]:
-        """The L2 table for L1 index ``l1i``, allocated or copied (if shared) first. Under meta_lock."""
+    async def _get_l2_for_write(self, c: int) -> tuple[int, L2Slice]:
+        """(table offset, slice) of the L2 entry mapping guest cluster ``c``, its table allocated or copied (if
+        shared) first. Under meta_lock."""
         img = self.img
+        l1i = c >> img.l2_bits
+        i = c & (img.l2_entries - 1)
         if l1i >= len(img.l1):
             raise BlockIOError(errno.EIO, node=self.node.node_name, op="write",
                                detail=f"L1 index {l1i} beyond the L1 table ({len(img.l1)} entries)")
         old = img.l1[l1i]
         off = old & L1E_OFFSET_MASK
         if off and old & OFLAG_COPIED:
-            return off, await img.read_l2(img.l2_offset(l1i))
+            return off, await img.read_l2(img.l2_offset(l1i), i)
         await self._meta_changing()
-        content = bytes(await img.read_l2(img.l2_offset(l1i))) if off else None
+        src = img.l2_offset(l1i)  # the shared table to copy (checked), or 0
         new = await img.rc.alloc_clusters(1)
-        table = await img.l2_cache.new(new, content)
+        for first in range(0, img.l2_entries, img.slice_entries):
+            content = bytes(await img.read_l2(src, first)) if src else None
+            await img.l2_cache.new(new + first * img.esize, content)
         # The new table (after the refcounts that count it) reaches the disk before the L1 entry points at it.
         await img.l2_cache.flush()
         await self.file.flush()
@@ -82,7 +88,7 @@ class WriteMixin:
         if off:
             await self.file.flush()
             await img.rc.update(off, self.cluster_size, -1)
-        return new, table
+        return new, await img.read_l2(new, i)
 
     async def _reserve(self, c0: int, c1: int) -> bool:
         """Reserve guest clusters [c0, c1) for an allocating write; False (after waiting) if one was busy."""
@@ -178,6 +184,8 @@ class WriteMixin:
         _cs, cbits = self.cluster_size, img.cbits
         end = start + len(data)
         c0, c1 = start >> cbits, ((end - 1) >> cbits) + 1
+        c1 = min(c1, img.slice_end(c0))  # one L2 slice at a time
+        end = min(end, c1 << cbits)
         if typ in _REUSABLE or (img.extl2 and typ in (CT.UNALLOCATED, CT.ZERO_PLAIN)) or typ == CT.COMPRESSED:
             c1 = c0 + 1  # these work cluster by cluster (reuse, bitmaps, per-cluster descriptors)
             end = min(end, c1 << cbits)
@@ -196,10 +204,9 @@ class WriteMixin:
         m = await img.lookup(start, end - start, for_write=True)
         if m.type != typ or m.length < end - start:
             return 0
-        l1i = c0 >> img.l2_bits
         i0 = c0 & (img.l2_entries - 1)
         async with self.meta_lock:
-            _, table = await self._get_l2_for_write(l1i)
+            _, table = await self._get_l2_for_write(c0)
             old = [img.l2_get(table, i0 + k) for k in range(c1 - c0)]
             reuse = typ in _REUSABLE
             if img.has_data_file:
@@ -228,8 +235,7 @@ class WriteMixin:
             await self.data.pwritev(host + end - base, memoryview(tail))
         async with self.meta_lock:
             await self._meta_changing()
-            _, table = await self._get_l2_for_write(l1i)
-            l2_off = img.l2_offset(l1i)
+            _, table = await self._get_l2_for_write(c0)
             for k in range(c1 - c0):
                 entry_host = host + (k << cbits)
                 if img.extl2:
@@ -245,7 +251,7 @@ class WriteMixin:
                     img.l2_put(table, i0 + k, entry_host | OFLAG_COPIED, bitmap)
                 else:
                     img.l2_put(table, i0 + k, entry_host | OFLAG_COPIED)
-            img.l2_cache.mark_dirty(l2_off)
+            img.l2_cache.mark_dirty(table.off)
             img.l2_cache.needs_flush = True
             if typ in (CT.NORMAL_SHARED, CT.COMPRESSED, CT.ZERO_ALLOC_SHARED):
                 await img.l2_cache.flush()
@@ -279,7 +285,7 @@ class WriteMixin:
         try:
             async with self.meta_lock:
                 await self._meta_changing()
-                _, table = await self._get_l2_for_write(c >> img.l2_bits)
+                _, table = await self._get_l2_for_write(c)
                 i = c & (img.l2_entries - 1)
                 entry, _ = img.l2_get(table, i)
                 if entry & (L2E_OFFSET_MASK | OFLAG_COMPRESSED):
@@ -291,9 +297,9 @@ class WriteMixin:
             x = 62 - (img.cbits - 8)
             nsectors = ((host + len(packed) - 1) >> 9) - (host >> 9)
             async with self.meta_lock:
-                _, table = await self._get_l2_for_write(c >> img.l2_bits)
+                _, table = await self._get_l2_for_write(c)
                 img.l2_put(table, i, OFLAG_COMPRESSED | (nsectors << x) | host, 0)
-                img.l2_cache.mark_dirty(img.l2_offset(c >> img.l2_bits))
+                img.l2_cache.mark_dirty(table.off)
                 img.l2_cache.needs_flush = True
         finally:
             self._release(c, c + 1)
@@ -393,7 +399,6 @@ class WriteMixin:
     async def _zero_cluster(self, c: int, lo: int, hi: int, *, unmap: bool, from_discard: bool) -> None:
         img = self.img
         cs, cbits = self.cluster_size, img.cbits
-        l1i = c >> img.l2_bits
         i = c & (img.l2_entries - 1)
         entry, bitmap = await img.entry_at(c << cbits)
         if from_discard and not entry and not bitmap and self.backing is None:
@@ -401,7 +406,7 @@ class WriteMixin:
         if not img.extl2 and img.classify(entry, bitmap, 0)[0] == CT.ZERO_PLAIN:
             return
         await self._meta_changing()
-        _, table = await self._get_l2_for_write(l1i)
+        _, table = await self._get_l2_for_write(c)
         entry, bitmap = img.l2_get(table, i)
         typ, _host = img.classify(entry, bitmap, 0)
         whole = lo == c << cbits and hi == (c + 1) << cbits
@@ -429,7 +434,7 @@ class WriteMixin:
         if (new_entry, new_bitmap) == (entry, bitmap):
             return
         img.l2_put(table, i, new_entry, new_bitmap)
-        img.l2_cache.mark_dirty(img.l2_offset(l1i))
+        img.l2_cache.mark_dirty(table.off)
         if free:
             await img.l2_cache.flush()
             await self.file.flush()
@@ -460,15 +465,13 @@ class FullDiscardMixin:
         c, last = lo >> cbits, -(-hi // self.cluster_size)
         while c < last:
             l1i = c >> img.l2_bits
-            stop = min(last, (l1i + 1) << img.l2_bits)
-            l2_off = img.l2_offset(l1i)
-            if not l2_off:
-                c = stop
+            if not img.l2_offset(l1i):
+                c = min(last, (l1i + 1) << img.l2_bits)
                 continue
+            stop = min(last, img.slice_end(c))
             async with self.meta_lock:
                 await self._meta_changing()  # type: ignore[attr-defined]
-                _, table = await self._get_l2_for_write(l1i)  # type: ignore[attr-defined]
-                l2_off = img.l2_offset(l1i)
+                _, table = await self._get_l2_for_write(c)  # type: ignore[attr-defined]
                 old = []
                 for k in range(c, stop):
                     i = k & (img.l2_entries - 1)
@@ -477,7 +480,7 @@ class FullDiscardMixin:
                         old.append(entry)
                         img.l2_put(table, i, 0, 0)
                 if old:
-                    img.l2_cache.mark_dirty(l2_off)
+                    img.l2_cache.mark_dirty(table.off)
                     await img.l2_cache.flush()
                     await self.file.flush()
                     for entry in old:
