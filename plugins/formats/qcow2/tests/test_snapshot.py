@@ -244,3 +244,60 @@ def test_savevm_state_moves_between_the_tools(tmp_path: Path) -> None:
     out = _monitor(p, "loadvm copy", "info status")
     assert "Error" not in out and "VM status: running" in out
     assert "Error: Snapshot 'nope' does not exist" in _monitor(p, "loadvm nope")
+
+
+def _allocated_clusters(path: Path) -> int:
+    import json
+
+    return json.loads(qemu_img("check", "--output=json", str(path)).stdout)["allocated-clusters"]
+
+
+@pytest.mark.skipif(QEMU_SYSTEM is None, reason="qemu-system-x86_64 not installed")
+def test_savevm_leaves_no_live_vm_state_like_qemu(tmp_path: Path) -> None:
+    """After savevm QEMU zeroes the live copy of the vm state (copying the shared L2 table): the active image
+    maps no more clusters than before."""
+    p = tmp_path / "vm.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(p), "64M")
+    qemu_io(p, "write -P 1 0 1M")
+    before = _allocated_clusters(p)
+    assert "Error" not in _monitor(p, "savevm s1")
+    assert _allocated_clusters(p) == before
+
+
+@pytest.mark.parametrize("opts", ["compat=1.1", "compat=0.10", "extended_l2=on"])
+def test_snapshot_drops_the_live_vm_state(opts: str, tmp_path: Path) -> None:
+    import asyncio
+
+    from blockgraph.driver import SnapshotInfo
+    from blockgraph.session import Session
+
+    p = tmp_path / "vm.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", opts, str(p), "64M")
+    qemu_io(p, "write -P 1 0 1M")
+    before = _allocated_clusters(p)
+    state = bytes(range(256)) * 4000  # 1000 KiB: 16 clusters
+
+    async def run(*steps: str) -> bytes:
+        s = Session()
+        try:
+            drv = (await s.open_image(str(p), fmt="qcow2")).driver
+            buf = bytearray(len(state))
+            for step in steps:
+                if step == "save":
+                    await drv.save_vmstate(0, memoryview(state))
+                    await drv.snapshot_create(SnapshotInfo(name="vm", vm_state_size=len(state)))
+                elif step == "goto":
+                    await drv.snapshot_goto("vm")
+                elif step == "load":
+                    await drv.load_vmstate(0, memoryview(buf))
+            return bytes(buf)
+        finally:
+            await s.close()
+
+    assert asyncio.run(run("save", "load")) == bytes(len(state))  # the live copy reads zeros now
+    clean(p)
+    assert _allocated_clusters(p) == before
+    assert asyncio.run(run("goto", "load")) == state
+    clean(p)
+    assert bg("img", "snapshot", "-d", "vm", str(p))[0] == 0
+    clean(p)

@@ -15,7 +15,7 @@ from typing import Any
 from blockgraph.driver import ReqFlags
 from blockgraph.errors import BlockIOError
 
-from .constants import L2E_OFFSET_MASK, OFLAG_ZERO, ClusterType
+from .constants import ClusterType
 
 
 def vm_state_offset(img: Any) -> int:
@@ -62,28 +62,11 @@ async def load_vmstate(drv: Any, pos: int, buf: memoryview) -> None:
 
 
 async def discard_vmstate(drv: Any, size: int) -> None:
-    """Drop the active copy of the vm state (the snapshot just taken holds it). Caller holds meta_lock."""
-    img = drv.img
-    start = vm_state_offset(img)
-    for c in range(start >> img.cbits, -(-(start + size) // img.cs)):
-        l1i = c >> img.l2_bits
-        l2_off = img.l2_offset(l1i)
-        if not l2_off or not img.l1[l1i] & (1 << 63):
-            continue  # no table, or one still shared with a snapshot: nothing of ours to drop
-        i = c & (img.l2_entries - 1)
-        table = await img.read_l2(l2_off, i)
-        entry, _ = img.l2_get(table, i)
-        if not entry:
-            continue
-        img.l2_put(table, i, OFLAG_ZERO if img.h.version >= 3 and not img.extl2 else 0, 0)
-        img.l2_cache.mark_dirty(table.off)
-        await img.l2_cache.flush()
-        await img.file.flush()
-        if entry & (1 << 62):
-            off, n = img.compressed_range(entry)
-            await img.rc.update(off, n, -1)
-        elif entry & L2E_OFFSET_MASK:
-            await img.rc.update(entry & L2E_OFFSET_MASK, 1, -1)
+    """Drop the live copy of the vm state that a snapshot just took: its clusters become zero clusters (the
+    shared L2 tables are copied first), as QEMU does so that the next snapshot does not copy them again.
+    Caller holds meta_lock."""
+    start = vm_state_offset(drv.img)
+    await drv.discard_clusters(start, start + size, full=False, discard=False)
 
 
 class VmstateMixin:

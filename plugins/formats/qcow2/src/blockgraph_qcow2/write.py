@@ -452,40 +452,68 @@ async def _try_discard(child: Any, offset: int, length: int) -> None:
 
 
 class FullDiscardMixin:
-    """Unmap clusters completely (entries become 0): shrinking, ``make_empty``."""
+    """Discard whole clusters slice by slice (QEMU's qcow2_cluster_discard): shrinking and ``make_empty`` unmap
+    them completely; dropping the live vm state after a snapshot leaves zero clusters."""
 
     img: Any
     file: Any
     meta_lock: Any
+    backing: Any
     cluster_size: int
 
     async def discard_range_full(self, lo: int, hi: int) -> None:
+        await self.discard_clusters(lo, hi, full=True,
+                                    discard=self.options.pass_discard_other)  # type: ignore[attr-defined]
+
+    async def discard_clusters(self, lo: int, hi: int, *, full: bool, discard: bool) -> None:
+        """Guest clusters [lo, hi): ``full`` makes them unallocated (the backing file shows through), otherwise
+        they read zeros (v2 without a backing file: unallocated). Each slice's entries reach the disk before
+        the references they held are dropped; ``discard`` passes freed host clusters down. Takes meta_lock
+        unless the caller holds it."""
         img = self.img
         cbits = img.cbits
         c, last = lo >> cbits, -(-hi // self.cluster_size)
         while c < last:
             l1i = c >> img.l2_bits
-            if not img.l2_offset(l1i):
+            if not img.l2_offset(l1i) and (full or self.backing is None):
                 c = min(last, (l1i + 1) << img.l2_bits)
                 continue
             stop = min(last, img.slice_end(c))
-            async with self.meta_lock:
-                await self._meta_changing()  # type: ignore[attr-defined]
-                _, table = await self._get_l2_for_write(c)  # type: ignore[attr-defined]
-                old = []
-                for k in range(c, stop):
-                    i = k & (img.l2_entries - 1)
-                    entry, bitmap = img.l2_get(table, i)
-                    if entry or bitmap:
-                        old.append(entry)
-                        img.l2_put(table, i, 0, 0)
-                if old:
-                    img.l2_cache.mark_dirty(table.off)
-                    await img.l2_cache.flush()
-                    await self.file.flush()
-                    for entry in old:
-                        if entry & (L2E_OFFSET_MASK | OFLAG_COMPRESSED):
-                            await self._free_host(  # type: ignore[attr-defined]
-                                entry, CT.COMPRESSED if entry & OFLAG_COMPRESSED else CT.NORMAL,
-                                discard=self.options.pass_discard_other)  # type: ignore[attr-defined]
+            if self.meta_lock.locked():
+                await self._discard_in_slice(c, stop, full, discard)
+            else:
+                async with self.meta_lock:
+                    await self._discard_in_slice(c, stop, full, discard)
             c = stop
+
+    def _discarded_entry(self, entry: int, bitmap: int, full: bool) -> tuple[int, int]:
+        img = self.img
+        if full:
+            return 0, 0
+        if self.backing is not None or entry & (L2E_OFFSET_MASK | OFLAG_COMPRESSED):
+            if img.extl2:
+                return 0, _ALL_ZERO
+            return (OFLAG_ZERO if img.h.version >= 3 else 0), 0
+        return entry, bitmap
+
+    async def _discard_in_slice(self, c: int, stop: int, full: bool, discard: bool) -> None:
+        img = self.img
+        await self._meta_changing()  # type: ignore[attr-defined]
+        _, table = await self._get_l2_for_write(c)  # type: ignore[attr-defined]
+        old = []
+        for k in range(c, stop):
+            i = k & (img.l2_entries - 1)
+            entry, bitmap = img.l2_get(table, i)
+            new = self._discarded_entry(entry, bitmap, full)
+            if new != (entry, bitmap):
+                old.append(entry)
+                img.l2_put(table, i, *new)
+        if not old:
+            return
+        img.l2_cache.mark_dirty(table.off)
+        await img.l2_cache.flush()
+        await self.file.flush()
+        for entry in old:
+            if entry & (L2E_OFFSET_MASK | OFLAG_COMPRESSED):
+                await self._free_host(  # type: ignore[attr-defined]
+                    entry, CT.COMPRESSED if entry & OFLAG_COMPRESSED else CT.NORMAL, discard=discard)
