@@ -301,3 +301,32 @@ def test_snapshot_drops_the_live_vm_state(opts: str, tmp_path: Path) -> None:
     clean(p)
     assert bg("img", "snapshot", "-d", "vm", str(p))[0] == 0
     clean(p)
+
+
+@pytest.mark.parametrize("op", ["-d", "-a"])
+def test_freed_clusters_are_discarded_like_qemu(op: str, tmp_path: Path) -> None:
+    """Deleting or applying a snapshot punches the clusters it frees out of the file (pass-discard-snapshot,
+    on by default): the file keeps exactly as many blocks as after qemu-img, with and without the option."""
+    import os
+    import shutil
+
+    p = tmp_path / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(p), "8M")
+    qemu_io(p, "write -P 1 0 4M")
+    qemu_img("snapshot", "-c", "s", str(p))
+    qemu_io(p, "write -P 2 0 4M")
+    blocks = {}
+    for tool in ("qemu", "bg"):
+        for passdown in ("on", "off"):
+            q = tmp_path / f"{tool}-{passdown}.qcow2"
+            shutil.copyfile(p, q)
+            opts = f"driver=qcow2,file.filename={q},pass-discard-snapshot={passdown}"
+            if tool == "qemu":
+                qemu_img("snapshot", "--image-opts", op, "s", opts)
+            else:
+                assert bg("img", "snapshot", "--image-opts", op, "s", opts)[0] == 0
+            clean(q)
+            blocks[tool, passdown] = os.stat(q).st_blocks
+    assert blocks["bg", "on"] == blocks["qemu", "on"]
+    assert blocks["bg", "off"] == blocks["qemu", "off"]
+    assert blocks["bg", "on"] < blocks["bg", "off"] - 4096 * 2 + 512  # the 4 MiB freed are gone from the file

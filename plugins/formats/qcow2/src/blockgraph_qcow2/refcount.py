@@ -51,6 +51,7 @@ class Refcounts:
         self.before_new_block: Callable[[], Awaitable[None]] | None = None  # set by Image: write L2 tables first
         self.node_name = node_name
         self.write_header_fields = write_header_fields  # async callback(h) persisting refcount table fields
+        self.freed: set[int] | None = None  # while collecting: clusters whose refcount dropped to 0
 
     def corrupt(self, what: str, offset: int | None = None) -> ImageCorrupt:
         return ImageCorrupt(what, node=self.node_name or None, offset=offset)
@@ -159,8 +160,10 @@ class Refcounts:
                     raise self.corrupt(f"refcount of cluster {c} would become {v} (out of range)", c << self.cbits)
                 self._write_entry(blk, i, v)
                 self.cache.mark_dirty(off)
-                if v == 0 and c < self.free_hint:
-                    self.free_hint = c
+                if v == 0:
+                    self.free_hint = min(self.free_hint, c)
+                    if self.freed is not None:
+                        self.freed.add(c)
                 done = c + 1
         except BaseException:
             if done > first:

@@ -10,8 +10,10 @@ snapshot's references and frees its L1. COPIED flags are recomputed from the ref
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import struct
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -26,6 +28,7 @@ from .constants import (
     OFLAG_COPIED,
     ClusterType,
 )
+from .write import try_discard
 
 if TYPE_CHECKING:
     from .image import Image, L2Slice
@@ -260,6 +263,23 @@ class SnapshotMixin:
             await img.rc.update(old_off, old_size, -1)
         self.snapshots, self.snapshots_size = snaps, len(data)
 
+    @contextlib.asynccontextmanager
+    async def _discarding_freed(self) -> AsyncIterator[None]:
+        """Clusters a snapshot operation frees are discarded in the file once the metadata that no longer
+        references them is on disk (``pass-discard-snapshot``, default on, as QEMU's QCOW2_DISCARD_SNAPSHOT).
+        Use inside the metadata lock, around code that ends with the metadata flushed."""
+        rc = self.img.rc
+        rc.freed = set()
+        try:
+            yield
+        finally:
+            freed, rc.freed = rc.freed, None
+        if not self.options.pass_discard_snapshot:  # type: ignore[attr-defined]
+            return
+        free = [c for c in sorted(freed) if await rc.get(c) == 0]  # not allocated again meanwhile
+        for first, n in _runs(free):
+            await try_discard(self.img.file, first << rc.cbits, n << rc.cbits)
+
     async def _locked(self) -> Any:
         lock = getattr(self, "meta_lock", None)
         if lock is None:
@@ -273,7 +293,7 @@ class SnapshotMixin:
         img = self.img
         if len(self.snapshots) >= MAX_SNAPSHOTS:
             raise BlockIOError(errno.EFBIG, op="snapshot")
-        async with await self._locked():
+        async with await self._locked(), self._discarding_freed():
             await img.flush_metadata()
             ids = [int(sn.id) for sn in self.snapshots if sn.id.isdigit()]
             info.id = str(max(ids, default=0) + 1)
@@ -307,7 +327,7 @@ class SnapshotMixin:
         img = self.img
         sn = self.snapshots[i]
         validate_l1(img, sn)
-        async with await self._locked():
+        async with await self._locked(), self._discarding_freed():
             await img.flush_metadata()
             if sn.disk_size != img.h.size:
                 await self._snap_set_size(sn.disk_size)
@@ -346,7 +366,7 @@ class SnapshotMixin:
         img = self.img
         sn = self.snapshots[i]
         validate_l1(img, sn)
-        async with await self._locked():
+        async with await self._locked(), self._discarding_freed():
             await img.flush_metadata()
             await self._write_table(self.snapshots[:i] + self.snapshots[i + 1:])
             l1 = await read_l1(img, sn.l1_table_offset, sn.l1_size)
@@ -389,3 +409,14 @@ async def grow_l1(img: Image, entries: int) -> None:
     img.l1[:] = new_l1
     if old_size:
         await img.rc.update(old_off, old_size * 8, -1)
+
+
+def _runs(clusters: list[int]) -> Iterator[tuple[int, int]]:
+    """(first, count) of each run of consecutive numbers in the sorted list ``clusters``."""
+    i = 0
+    while i < len(clusters):
+        j = i
+        while j + 1 < len(clusters) and clusters[j + 1] == clusters[j] + 1:
+            j += 1
+        yield clusters[i], j - i + 1
+        i = j + 1

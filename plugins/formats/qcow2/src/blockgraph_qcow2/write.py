@@ -128,11 +128,11 @@ class WriteMixin:
         host = entry & L2E_OFFSET_MASK
         if not host or img.has_data_file:
             if img.has_data_file and discard and host:
-                await _try_discard(self.data, host, self.cluster_size)
+                await try_discard(self.data, host, self.cluster_size)
             return
         await img.rc.update(host, self.cluster_size, -1)
         if discard and await img.rc.get(host >> img.cbits) == 0:
-            await _try_discard(self.file, host, self.cluster_size)
+            await try_discard(self.file, host, self.cluster_size)
 
     async def _check_overlap(self, host: int, length: int) -> None:
         """Refuse a data write onto metadata and mark the image corrupt, as QEMU's overlap check does."""
@@ -444,7 +444,7 @@ class WriteMixin:
                                   discard=discard)
 
 
-async def _try_discard(child: Any, offset: int, length: int) -> None:
+async def try_discard(child: Any, offset: int, length: int) -> None:
     try:
         await child.pdiscard(offset, length)
     except (BlockIOError, NotSupported):
