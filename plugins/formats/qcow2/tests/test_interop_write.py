@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 from blockgraph import sync
-from blockgraph_qcow2.testing import HAVE_QEMU, bg_create, qemu_img, qemu_io
+from blockgraph_qcow2.testing import (
+    HAVE_QEMU,
+    assert_clean,
+    assert_same_as,
+    bg_create,
+    qemu_img,
+    qemu_io,
+    random_workload,
+)
 
 pytestmark = pytest.mark.skipif(not HAVE_QEMU, reason="qemu-img/qemu-io not installed")
 
@@ -15,35 +23,8 @@ SIZE = 4 << 20
 
 
 def assert_clean_and_equal(path: Path, model: bytes | bytearray, tmp_path: Path) -> None:
-    r = qemu_img("check", str(path), check=False)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "No errors were found on the image." in r.stdout
-    raw = tmp_path / "model.raw"
-    raw.write_bytes(bytes(model))
-    r = qemu_img("compare", "-f", "raw", "-F", "qcow2", str(raw), str(path), check=False)
-    assert r.returncode == 0, r.stdout + r.stderr
-
-
-def random_workload(img: sync.Image, model: bytearray, seed: int, ops: int = 60) -> None:
-    rng = random.Random(seed)
-    size = len(model)
-    for _ in range(ops):
-        kind = rng.random()
-        off = rng.randrange(0, size - 1)
-        n = min(rng.choice([1, 511, 4096, 65536, 70001, 300000]), size - off)
-        if kind < 0.6:
-            data = rng.randbytes(n)
-            img.write(off, data)
-            model[off:off + n] = data
-        elif kind < 0.8:
-            img.write_zeroes(off, n)
-            model[off:off + n] = bytes(n)
-        else:
-            # Discard may keep data (partial clusters): read back what the image now holds there.
-            img.discard(off, n)
-            model[off:off + n] = img.read(off, n)
-        if rng.random() < 0.2:
-            img.flush()
+    assert_clean(path)
+    assert_same_as(path, model, tmp_path)
 
 
 CASES = {

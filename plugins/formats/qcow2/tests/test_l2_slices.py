@@ -6,14 +6,21 @@ a slice boundary or evicts; the results are checked with the real qemu-img.
 
 from __future__ import annotations
 
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from blockgraph import sync
-from blockgraph_qcow2.testing import HAVE_QEMU, bg_create, qemu_img, qemu_io
+from blockgraph_qcow2.testing import (
+    HAVE_QEMU,
+    assert_clean,
+    assert_same_as,
+    bg_create,
+    qemu_img,
+    qemu_io,
+    random_workload,
+)
 
 pytestmark = pytest.mark.skipif(not HAVE_QEMU, reason="qemu-img/qemu-io not installed")
 
@@ -39,39 +46,16 @@ def bg(*args: str) -> str:
 
 
 def workload(img: sync.Image, model: bytearray, seed: int, ops: int = 80) -> None:
-    rng = random.Random(seed)
-    size = len(model)
-    for _ in range(ops):
-        kind = rng.random()
-        off = rng.randrange(0, size - 1)
-        n = min(rng.choice([1, 4096, 65536, 300000, 1 << 20, 5 << 20]), size - off)
-        if kind < 0.6:
-            data = rng.randbytes(n)
-            img.write(off, data)
-            model[off:off + n] = data
-        elif kind < 0.8:
-            img.write_zeroes(off, n)
-            model[off:off + n] = bytes(n)
-        else:
-            img.discard(off, n)
-            model[off:off + n] = img.read(off, n)
-
-
-def assert_clean(path: Path) -> None:
-    r = qemu_img("check", str(path), check=False)
-    assert r.returncode == 0 and "No errors were found on the image." in r.stdout, r.stdout + r.stderr
+    random_workload(img, model, seed, ops, sizes=(1, 4096, 65536, 300000, 1 << 20, 5 << 20))
 
 
 def assert_equal(path: Path, model: bytes | bytearray, tmp_path: Path, *snapshot: str) -> None:
-    raw = tmp_path / "model.raw"
-    raw.write_bytes(bytes(model))
-    if snapshot:
-        out = tmp_path / "snap.raw"
-        qemu_img("convert", "-l", f"snapshot.name={snapshot[0]}", "-O", "raw", str(path), str(out))
-        assert out.read_bytes() == bytes(model)
+    if not snapshot:
+        assert_same_as(path, model, tmp_path)
         return
-    r = qemu_img("compare", "-f", "raw", "-F", "qcow2", str(raw), str(path), check=False)
-    assert r.returncode == 0, r.stdout + r.stderr
+    out = tmp_path / "snap.raw"
+    qemu_img("convert", "-l", f"snapshot.name={snapshot[0]}", "-O", "raw", str(path), str(out))
+    assert out.read_bytes() == bytes(model)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
