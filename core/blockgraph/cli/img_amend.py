@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import BlockGraphError
 from .img_create import BlockGraphErrorText, _fields, check_value
-from .img_opts import Getopt, ImgExit, accumulate, has_help_option, usage_error
+from .img_opts import CommonFlags, Getopt, ImgExit, accumulate, has_help_option, shared_long, usage_error
 from .img_snapshot import call
 from .img_util import Progress, cache_mode, format_class, open_backend, run
 
@@ -66,12 +66,12 @@ def main(argv: list[str], host: PluginHost) -> int:
 
 
 async def _main(session: Session, argv: list[str]) -> int:
-    opts, rest = Getopt("ho:f:t:pq", {"object": (True, "object"), "image-opts": (False, "image-opts"),
-                                      "force": (False, "force")}).parse(argv)
+    opts, rest = Getopt("ho:f:t:pq", shared_long("object", "image-opts") | {"force": (False, "force")}).parse(argv)
     fmt = options = None
     cache = "writeback"
-    progress = quiet = image_opts = force = False
-    for key, value in opts:
+    progress = force = False
+    common = CommonFlags()
+    for key, value in common.own(opts):
         if key == "o":
             options = accumulate(options, value)
         elif key == "f":
@@ -80,14 +80,8 @@ async def _main(session: Session, argv: list[str]) -> int:
             cache = value
         elif key == "p":
             progress = True
-        elif key == "q":
-            quiet = True
         elif key == "force":
             force = True
-        elif key == "image-opts":
-            image_opts = True
-        elif key == "object":
-            raise ImgExit.no_object()
     if options is None:
         raise usage_error("Must specify options (-o)")
     if fmt and has_help_option(options):
@@ -95,7 +89,7 @@ async def _main(session: Session, argv: list[str]) -> int:
     if len(rest) != 1:
         raise ImgExit("Expecting one image file name")
     cache_mode(cache)
-    blk = await open_backend(session, rest[0], fmt=fmt, image_opts=image_opts, read_only=False, cache=cache)
+    blk = await open_backend(session, rest[0], fmt=fmt, image_opts=common.image_opts, read_only=False, cache=cache)
     node = blk.node
     fmt_cls = type(node.driver)
     if has_help_option(options):
@@ -103,7 +97,7 @@ async def _main(session: Session, argv: list[str]) -> int:
     if not (node.caps is not None and node.caps.amend):
         raise ImgExit(f"Format driver '{node.driver_name}' does not support option amendment")
     values = amend_values(fmt_cls, options)
-    meter = Progress(progress and not quiet, 1.0)
+    meter = Progress(progress and not common.quiet, 1.0)
     meter.print(0, 0)
     try:
         await call(node.driver.amend, values, force, lambda msg: sys.stderr.write(f"qemu-img: warning: {msg}\n"))

@@ -13,10 +13,10 @@ import asyncio
 import mmap
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..errors import BlockGraphError
-from .img_opts import INT_MAX, Getopt, ImgExit, cvtnum, expect, strtoul
+from .img_opts import INT_MAX, CommonFlags, Getopt, ImgExit, cvtnum, expect, shared_long, strtoul
 from .img_util import cache_mode, open_backend, run
 
 if TYPE_CHECKING:
@@ -114,15 +114,15 @@ def main(argv: list[str], host: PluginHost) -> int:
 
 
 async def _main(session: Session, argv: list[str]) -> int:
-    long: dict[str, Any] = {"flush-interval": (True, "flush-interval"), "image-opts": (False, "image-opts"),
-                            "pattern": (True, "pattern"), "no-drain": (False, "no-drain"),
-                            "force-share": (False, "U")}
+    long = shared_long("image-opts", "force-share") | {
+        "flush-interval": (True, "flush-interval"), "pattern": (True, "pattern"), "no-drain": (False, "no-drain")}
     opts, rest = Getopt("hc:d:f:ni:o:qs:S:t:wU", long).parse(argv)
     fmt, aio, cache = None, None, "writeback"
     count, depth, offset, bufsize, step, pattern, flush_interval = 75000, 64, 0, 4096, 0, 0, 0
-    write = force_share = image_opts = False
+    write = False
     drain = True
-    for key, value in opts:
+    common = CommonFlags()  # -q is accepted and, as in qemu-img, changes nothing
+    for key, value in common.own(opts):
         if key == "c":
             count = _ulong(value, INT_MAX, "Invalid request count specified")
         elif key == "d":
@@ -148,28 +148,24 @@ async def _main(session: Session, argv: list[str]) -> int:
             cache = value
         elif key == "w":
             write = True
-        elif key == "U":
-            force_share = True
         elif key == "pattern":
             pattern = _ulong(value, 0xFF, "Invalid pattern byte specified")
         elif key == "flush-interval":
             flush_interval = _ulong(value, INT_MAX, "Invalid flush interval specified")
         elif key == "no-drain":
             drain = False
-        elif key == "image-opts":
-            image_opts = True
     expect(rest, 1, "Expecting one image file name")
     if not write and flush_interval:
         raise ImgExit("--flush-interval is only available in write tests")
     if flush_interval and flush_interval < depth:
         raise ImgExit("Flush interval can't be smaller than depth")
     options = None
-    if aio is not None and not image_opts:
+    if aio is not None and not common.image_opts:
         proto = fmt is not None and session.registry.drivers.get(fmt) is not None and \
             session.registry.driver_entry(fmt).meta["kind"].value == "protocol"
         options = {"aio": aio} if proto else {"file": {"aio": aio}}
-    blk = await open_backend(session, rest[0], fmt=fmt, image_opts=image_opts, read_only=not write,
-                             force_share=force_share, cache=cache, options=options)
+    blk = await open_backend(session, rest[0], fmt=fmt, image_opts=common.image_opts, read_only=not write,
+                             force_share=common.force_share, cache=cache, options=options)
     step = step or bufsize
     bench = Bench(blk, count, depth, bufsize, step, offset, write, pattern, flush_interval, drain)
     print(f"Sending {count} {'write' if write else 'read'} requests, {bufsize} bytes each, {depth} in parallel "

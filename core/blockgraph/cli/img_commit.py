@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ..driver import ReqFlags, Status
 from ..errors import BlockGraphError
 from ..io import block_status_above
-from .img_opts import Getopt, ImgExit, cvtnum, expect
+from .img_opts import CommonFlags, Getopt, ImgExit, cvtnum, expect, shared_long
 from .img_snapshot import call
 from .img_util import Progress, cache_mode, open_backend, qprint, run
 
@@ -108,13 +108,13 @@ def main(argv: list[str], host: PluginHost) -> int:
 
 
 async def _main(session: Session, argv: list[str]) -> int:
-    opts, rest = Getopt("f:ht:b:dpqr:", {"object": (True, "object"),
-                                          "image-opts": (False, "image-opts")}).parse(argv)
+    opts, rest = Getopt("f:ht:b:dpqr:", shared_long("object", "image-opts")).parse(argv)
     fmt = base_name = None
     cache = "writeback"
-    drop = progress = quiet = image_opts = False
+    drop = progress = False
     rate = 0
-    for key, value in opts:
+    common = CommonFlags()
+    for key, value in common.own(opts):
         if key == "f":
             fmt = value
         elif key == "t":
@@ -125,21 +125,15 @@ async def _main(session: Session, argv: list[str]) -> int:
             drop = True
         elif key == "p":
             progress = True
-        elif key == "q":
-            quiet = True
         elif key == "r":
             rate = cvtnum("rate limit", value)
-        elif key == "image-opts":
-            image_opts = True
-        elif key == "object":
-            raise ImgExit.no_object()
     expect(rest, 1, "Expecting one image file name")
     filename = rest[0]
     cache_mode(cache)
-    blk = await open_backend(session, filename, fmt=fmt, image_opts=image_opts, read_only=False, cache=cache,
+    blk = await open_backend(session, filename, fmt=fmt, image_opts=common.image_opts, read_only=False, cache=cache,
                              unmap=True)
     top = blk.node
-    meter = Progress(progress and not quiet, 1.0)
+    meter = Progress(progress and not common.quiet, 1.0)
     meter.print(0, 100)
     try:
         if base_name is not None:
@@ -164,5 +158,5 @@ async def _main(session: Session, argv: list[str]) -> int:
         meter.print(100, 0)
     finally:
         meter.end()
-    qprint(quiet, "Image committed.")
+    qprint(common.quiet, "Image committed.")
     return 0

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from ..driver import Status
 from ..errors import BlockGraphError
-from .img_opts import Getopt, ImgExit, expect
+from .img_opts import CommonFlags, Getopt, ImgExit, expect, shared_long
 from .img_util import Progress, cache_mode, f32, open_backend, qprint, run
 
 if TYPE_CHECKING:
@@ -136,12 +136,12 @@ def main(argv: list[str], host: PluginHost) -> int:
 
 
 async def _main(session: Session, argv: list[str]) -> int:
-    opts, rest = Getopt("hf:F:T:pqsU", {"object": (True, "object"), "image-opts": (False, "image-opts"),
-                                         "force-share": (False, "U")}).parse(argv)
+    opts, rest = Getopt("hf:F:T:pqsU", shared_long("object", "image-opts", "force-share")).parse(argv)
     fmt1 = fmt2 = None
     cache = "writeback"
-    progress = quiet = strict = force_share = image_opts = False
-    for key, value in opts:
+    progress = strict = False
+    common = CommonFlags(object_code=2)
+    for key, value in common.own(opts):
         if key == "f":
             fmt1 = value
         elif key == "F":
@@ -150,25 +150,17 @@ async def _main(session: Session, argv: list[str]) -> int:
             cache = value
         elif key == "p":
             progress = True
-        elif key == "q":
-            quiet = True
         elif key == "s":
             strict = True
-        elif key == "U":
-            force_share = True
-        elif key == "image-opts":
-            image_opts = True
-        elif key == "object":
-            raise ImgExit.no_object(2)
     expect(rest, 2, "Expecting two image file names")
-    meter = Progress(progress and not quiet, 2.0)
+    meter = Progress(progress and not common.quiet, 2.0)
     try:
         cache_mode(cache, "Invalid source cache option: {0}")
-        blk1 = await open_backend(session, rest[0], fmt=fmt1, image_opts=image_opts, cache=cache,
-                                  force_share=force_share, code=2)
-        blk2 = await open_backend(session, rest[1], fmt=fmt2, image_opts=image_opts, cache=cache,
-                                  force_share=force_share, code=2)
-        return await Comparer(blk1, blk2, rest[0], rest[1], quiet, meter).compare(strict)
+        blk1 = await open_backend(session, rest[0], fmt=fmt1, image_opts=common.image_opts, cache=cache,
+                                  force_share=common.force_share, code=2)
+        blk2 = await open_backend(session, rest[1], fmt=fmt2, image_opts=common.image_opts, cache=cache,
+                                  force_share=common.force_share, code=2)
+        return await Comparer(blk1, blk2, rest[0], rest[1], common.quiet, meter).compare(strict)
     except ImgExit as e:
         if e.code == 1:
             e.code = 2

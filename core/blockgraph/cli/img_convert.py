@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from .img_copy import BUF_SIZE, SECTOR, Copier, CopyOptions, Source
 from .img_create import BlockGraphErrorText, create_target, parse_create_options, print_help_for
-from .img_opts import Getopt, ImgExit, accumulate, cvtnum, has_help_option, strtoul
+from .img_opts import CommonFlags, Getopt, ImgExit, accumulate, cvtnum, has_help_option, shared_long, strtoul
 from .img_util import Progress, cache_mode, format_class, open_backend, protocol_class, run, same_file_guard
 
 if TYPE_CHECKING:
@@ -22,8 +22,7 @@ if TYPE_CHECKING:
     from ..session import Session
 
 MAX_BUF = 32768 * SECTOR
-LONG: dict[str, tuple[bool, str]] = {
-    "object": (True, "object"), "image-opts": (False, "image-opts"), "force-share": (False, "U"),
+LONG = shared_long("object", "image-opts", "force-share") | {
     "target-image-opts": (False, "target-image-opts"), "salvage": (False, "salvage"),
     "target-is-zero": (False, "target-is-zero"), "bitmaps": (False, "bitmaps"),
     "skip-broken-bitmaps": (False, "skip-broken-bitmaps"),
@@ -54,8 +53,9 @@ class Args:
         self.options: str | None = None
         self.cache, self.src_cache = "unsafe", "writeback"
         self.copy = CopyOptions()
-        self.explicit_sparse = self.progress = self.skip_create = self.force_share = False
-        self.image_opts = self.tgt_image_opts = self.compressed = self.bitmaps = self.skip_broken = False
+        self.common = CommonFlags()  # -q, -U, --image-opts, --object
+        self.explicit_sparse = self.progress = self.skip_create = False
+        self.tgt_image_opts = self.compressed = self.bitmaps = self.skip_broken = False
         self.rate = 0
 
 
@@ -63,7 +63,7 @@ def parse(argv: list[str]) -> tuple[Args, list[str]]:
     opts, rest = Getopt("hf:O:B:CcF:o:l:S:pt:T:qnm:WUr:", LONG).parse(argv)
     a = Args()
     c = a.copy
-    for key, value in opts:
+    for key, value in a.common.own(opts):
         if key == "f":
             a.fmt = value
         elif key == "O":
@@ -93,8 +93,6 @@ def parse(argv: list[str]) -> tuple[Args, list[str]]:
             a.cache = value
         elif key == "T":
             a.src_cache = value
-        elif key == "q":
-            c.quiet = True
         elif key == "n":
             a.skip_create = True
         elif key == "m":
@@ -106,12 +104,8 @@ def parse(argv: list[str]) -> tuple[Args, list[str]]:
                 raise ImgExit("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16")
         elif key == "W":
             c.in_order = False
-        elif key == "U":
-            a.force_share = True
         elif key == "r":
             a.rate = c.rate_limit = cvtnum("rate limit", value)
-        elif key == "image-opts":
-            a.image_opts = True
         elif key == "target-image-opts":
             a.tgt_image_opts = True
         elif key == "salvage":
@@ -122,8 +116,7 @@ def parse(argv: list[str]) -> tuple[Args, list[str]]:
             a.bitmaps = True
         elif key == "skip-broken-bitmaps":
             a.skip_broken = True
-        elif key == "object":
-            raise ImgExit.no_object()
+    c.quiet = a.common.quiet
     return a, rest
 
 
@@ -149,8 +142,9 @@ async def open_sources(session: Session, a: Args, names: list[str]) -> list[Sour
     sources: list[Source] = []
     start = 0
     for name in names:
-        blk = await open_backend(session, name, fmt=a.fmt, image_opts=a.image_opts, cache=a.src_cache,
-                                 force_share=a.force_share, share_all=a.force_share)
+        blk = await open_backend(session, name, fmt=a.fmt, image_opts=a.common.image_opts,
+                                 cache=a.src_cache, force_share=a.common.force_share,
+                                 share_all=a.common.force_share)
         length = blk.getlength()
         span = -(-length // SECTOR) * SECTOR
         node = blk.node

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any
 
-from .img_opts import Getopt, ImgExit, accumulate, cvtnum, has_help_option, usage_error
+from .img_opts import CommonFlags, Getopt, ImgExit, accumulate, cvtnum, has_help_option, shared_long, usage_error
 from .img_util import create_image, format_class, open_node, protocol_class, run
 
 if TYPE_CHECKING:
@@ -228,24 +228,21 @@ def main(argv: list[str], host: PluginHost) -> int:
 
 
 async def _main(session: Session, argv: list[str]) -> int:
-    opts, rest = Getopt("F:b:f:ho:qu", {"object": (True, "object")}).parse(argv)
-    fmt, options, quiet, unsafe = "raw", None, False, False
+    opts, rest = Getopt("F:b:f:ho:qu", shared_long("object")).parse(argv)
+    fmt, options, unsafe = "raw", None, False
     backing = backing_fmt = None
-    for key, value in opts:
+    common = CommonFlags()
+    for key, value in common.own(opts):
         if key == "f":
             fmt = value
         elif key == "o":
             options = accumulate(options, value)
-        elif key == "q":
-            quiet = True
         elif key == "u":
             unsafe = True
         elif key == "b":
             backing = value
         elif key == "F":
             backing_fmt = value
-        elif key == "object":
-            raise ImgExit.no_object()
     filename = rest[0] if rest else None
     if has_help_option(options):
         return print_help_for(session, fmt, filename)
@@ -255,5 +252,5 @@ async def _main(session: Session, argv: list[str]) -> int:
     if len(rest) > 2:
         raise usage_error(f"Unexpected argument: {rest[2]}")
     await img_create(session, filename, fmt, options, size, backing=backing, backing_fmt=backing_fmt,
-                     unsafe=unsafe, quiet=quiet)
+                     unsafe=unsafe, quiet=common.quiet)
     return 0

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import BlockGraphError
 from .img_create import BlockGraphErrorText, create_target
-from .img_opts import INT64_MAX, INT_MAX, Getopt, ImgExit, cvtnum
+from .img_opts import INT64_MAX, INT_MAX, CommonFlags, Getopt, ImgExit, cvtnum, shared_long
 from .img_util import Progress, format_class, open_backend, protocol_class, report, run, same_file_guard
 
 if TYPE_CHECKING:
@@ -27,23 +27,17 @@ def main(argv: list[str], host: PluginHost) -> int:
 
 
 async def _main(session: Session, argv: list[str]) -> int:
-    opts, rest = Getopt("hf:O:Up", {"object": (True, "object"), "image-opts": (False, "image-opts"),
-                                    "force-share": (False, "U")}).parse(argv)
+    opts, rest = Getopt("hf:O:Up", shared_long("object", "image-opts", "force-share")).parse(argv)
     out_fmt, fmt = "raw", None
-    force_share = image_opts = progress = False
-    for key, value in opts:
+    progress = False
+    common = CommonFlags()
+    for key, value in common.own(opts):
         if key == "O":
             out_fmt = value
         elif key == "f":
             fmt = value
-        elif key == "U":
-            force_share = True
         elif key == "p":
             progress = True
-        elif key == "image-opts":
-            image_opts = True
-        elif key == "object":
-            raise ImgExit.no_object()
     bs, count, skip = 512, None, None
     files: dict[str, str] = {}
     for arg in rest:
@@ -60,7 +54,8 @@ async def _main(session: Session, argv: list[str]) -> int:
             files[name] = value
     if "if" not in files or "of" not in files:
         raise ImgExit("Must specify both input and output files")
-    src = await open_backend(session, files["if"], fmt=fmt, image_opts=image_opts, force_share=force_share)
+    src = await open_backend(session, files["if"], fmt=fmt, image_opts=common.image_opts,
+                             force_share=common.force_share)
     try:
         fmt_cls = format_class(session, out_fmt)
     except ImgExit:

@@ -15,7 +15,7 @@ import inspect
 import sys
 from typing import TYPE_CHECKING, Any
 
-from .img_opts import Getopt, ImgExit, expect, one_of_output
+from .img_opts import CommonFlags, Getopt, expect, one_of_output, shared_long
 from .img_qjson import dump_human, dumps
 from .img_util import allocated_size, open_node, run, size_to_str
 
@@ -171,30 +171,25 @@ def main(argv: list[str], host: PluginHost) -> int:
 
 
 async def _main(session: Session, argv: list[str]) -> int:
-    opts, rest = Getopt("f:hU", {"format": (True, "f"), "output": (True, "output"),
-                                 "backing-chain": (False, "backing-chain"), "object": (True, "object"),
-                                 "image-opts": (False, "image-opts"), "force-share": (False, "U")}).parse(argv)
+    long = shared_long("object", "image-opts", "force-share") | {
+        "format": (True, "f"), "output": (True, "output"), "backing-chain": (False, "backing-chain")}
+    opts, rest = Getopt("f:hU", long).parse(argv)
     fmt = output = None
-    chain = image_opts = force_share = False
-    for key, value in opts:
+    chain = False
+    common = CommonFlags()
+    for key, value in common.own(opts):
         if key == "f":
             fmt = value
-        elif key == "U":
-            force_share = True
         elif key == "output":
             output = value
         elif key == "backing-chain":
             chain = True
-        elif key == "image-opts":
-            image_opts = True
-        elif key == "object":
-            raise ImgExit.no_object()
     expect(rest, 1, "Expecting one image file name")
     output = one_of_output(output)
     filename = rest[0]
-    node = await open_node(session, filename, fmt=fmt, image_opts=image_opts, read_only=True,
-                           force_share=force_share)
-    infos = [await image_info(node, exact_filename(node) or display_name(filename, image_opts))]
+    node = await open_node(session, filename, fmt=fmt, image_opts=common.image_opts, read_only=True,
+                           force_share=common.force_share)
+    infos = [await image_info(node, exact_filename(node) or display_name(filename, common.image_opts))]
     seen = {id(node)}
     cur = node.cow_child().node if chain and node.cow_child() is not None else None
     while cur is not None and id(cur) not in seen:

@@ -8,13 +8,13 @@ neighbouring entries that agree (and whose host offsets continue) are merged.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import attrs
 
 from .. import io
 from ..driver import Status
-from .img_opts import Getopt, ImgExit, cvtnum, expect, one_of_output
+from .img_opts import CommonFlags, Getopt, ImgExit, cvtnum, expect, one_of_output, shared_long
 from .img_util import open_backend, run
 
 if TYPE_CHECKING:
@@ -135,30 +135,25 @@ def main(argv: list[str], host: PluginHost) -> int:
 
 
 async def _main(session: Session, argv: list[str]) -> int:
-    long: dict[str, Any] = {"format": (True, "f"), "output": (True, "output"), "object": (True, "object"),
-                            "image-opts": (False, "image-opts"), "force-share": (False, "U"),
-                            "start-offset": (True, "start-offset"), "max-length": (True, "max-length")}
+    long = shared_long("object", "image-opts", "force-share") | {
+        "format": (True, "f"), "output": (True, "output"), "start-offset": (True, "start-offset"),
+        "max-length": (True, "max-length")}
     opts, rest = Getopt("f:hU", long).parse(argv)
     fmt = output = None
-    image_opts = force_share = False
     start, max_length = 0, None
-    for key, value in opts:
+    common = CommonFlags()
+    for key, value in common.own(opts):
         if key == "f":
             fmt = value
-        elif key == "U":
-            force_share = True
         elif key == "output":
             output = value
-        elif key == "image-opts":
-            image_opts = True
         elif key == "start-offset":
             start = cvtnum("start offset", value)
         elif key == "max-length":
             max_length = cvtnum("max length", value)
-        elif key == "object":
-            raise ImgExit.no_object()
     expect(rest, 1, "Expecting one image file name")
     output = one_of_output(output)
-    blk = await open_backend(session, rest[0], fmt=fmt, image_opts=image_opts, force_share=force_share)
+    blk = await open_backend(session, rest[0], fmt=fmt, image_opts=common.image_opts,
+                             force_share=common.force_share)
     await run_map(blk.node, output, start, max_length)
     return 0

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import BlockGraphError
 from .img_create import BlockGraphErrorText, parse_create_options
-from .img_opts import Getopt, ImgExit, accumulate, cvtnum
+from .img_opts import CommonFlags, Getopt, ImgExit, accumulate, cvtnum, shared_long
 from .img_qjson import dumps
 from .img_util import format_class, open_backend, run
 
@@ -76,15 +76,14 @@ def main(argv: list[str], host: PluginHost) -> int:
 
 
 async def _main(session: Session, argv: list[str]) -> int:
-    opts, rest = Getopt("hf:O:o:l:U", {"image-opts": (False, "image-opts"), "object": (True, "object"),
-                                       "output": (True, "output"), "size": (True, "size"),
-                                       "force-share": (False, "U")}).parse(argv)
+    long = shared_long("object", "image-opts", "force-share") | {"output": (True, "output"), "size": (True, "size")}
+    opts, rest = Getopt("hf:O:o:l:U", long).parse(argv)
     fmt = options = snapshot = None
     out_fmt = "raw"
     output = "human"
     size: int | None = None
-    image_opts = force_share = False
-    for key, value in opts:
+    common = CommonFlags()
+    for key, value in common.own(opts):
         if key == "f":
             fmt = value
         elif key == "O":
@@ -94,22 +93,16 @@ async def _main(session: Session, argv: list[str]) -> int:
         elif key == "l":
             snapshot = value
             parse_snapshot_opt(value)
-        elif key == "U":
-            force_share = True
-        elif key == "image-opts":
-            image_opts = True
         elif key == "output":
             if value not in ("json", "human"):
                 raise ImgExit("--output must be used with human or json as argument.")
             output = value
         elif key == "size":
             size = cvtnum("image size", value)
-        elif key == "object":
-            raise ImgExit.no_object()
     if len(rest) > 1:
         raise ImgExit("At most one filename argument is allowed.")
     filename = rest[0] if rest else None
-    if filename is None and (image_opts or fmt or snapshot is not None):
+    if filename is None and (common.image_opts or fmt or snapshot is not None):
         raise ImgExit("--image-opts, -f, and -l require a filename argument.")
     if filename is not None and size is not None:
         raise ImgExit("--size N cannot be used together with a filename.")
@@ -117,8 +110,8 @@ async def _main(session: Session, argv: list[str]) -> int:
         raise ImgExit("Either --size N or one filename must be specified.")
     source = None
     if filename is not None:
-        blk = await open_backend(session, filename, fmt=fmt, image_opts=image_opts, read_only=True,
-                                 force_share=force_share)
+        blk = await open_backend(session, filename, fmt=fmt, image_opts=common.image_opts, read_only=True,
+                                 force_share=common.force_share)
         source = blk.node
         if snapshot is not None:
             await load_snapshot(source, snapshot)

@@ -9,7 +9,7 @@ error texts and exit status are qemu-img's (``unrecognized option '-Z'``,
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import attrs
 
@@ -37,13 +37,29 @@ class ImgExit(Exception):
         return cls("--object is not supported by blockgraph img", code)
 
 
+# getopt_long entries of the shared switches; a subcommand lists those qemu-img gives it (see shared_long).
+SHARED_LONG: dict[str, tuple[bool, str]] = {
+    "object": (True, "object"), "image-opts": (False, "image-opts"), "force-share": (False, "U"),
+}
+
+
+def shared_long(*names: str) -> dict[str, tuple[bool, str]]:
+    """The getopt_long entries of the shared switches ``names``; ``|`` the subcommand's own onto them."""
+    return {name: SHARED_LONG[name] for name in names}
+
+
 @attrs.define
 class CommonFlags:
-    """The switches most qemu-img subcommands share: ``-q``, ``-U``, ``--image-opts``, ``--object``."""
+    """The switches most qemu-img subcommands share: ``-q``, ``-U``, ``--image-opts``, ``--object``.
+
+    A subcommand gets only those its getopt tables list (info has no ``-q``, amend no ``-U``);
+    ``object_code`` is the exit status for ``--object`` (compare exits 2 on every error).
+    """
 
     quiet: bool = False
     force_share: bool = False
     image_opts: bool = False
+    object_code: int = 1
 
     def take(self, key: str, value: str | None) -> bool:
         """Handle one parsed option if it is a shared switch; False leaves it to the subcommand."""
@@ -54,10 +70,17 @@ class CommonFlags:
         elif key == "image-opts":
             self.image_opts = True
         elif key == "object":
-            raise ImgExit.no_object()
+            raise ImgExit.no_object(self.object_code)
         else:
             return False
         return True
+
+    def own(self, opts: Iterable[tuple[str, str | None]]) -> Iterator[tuple[str, str | None]]:
+        """The subcommand's own options, in order; shared ones are taken as they come, so that the
+        first bad option on the command line is the one reported, as in qemu-img's option loop."""
+        for key, value in opts:
+            if not self.take(key, value):
+                yield key, value
 
 
 def usage_error(msg: str) -> ImgExit:

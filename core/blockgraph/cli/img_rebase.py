@@ -19,7 +19,7 @@ from ..driver import Status
 from ..errors import BlockGraphError, DriverNotFound
 from ..io import block_status, block_status_above, preadv
 from .img_commit import find_backing_image
-from .img_opts import CommonFlags, Getopt, ImgExit, expect, usage_error
+from .img_opts import CommonFlags, Getopt, ImgExit, expect, shared_long, usage_error
 from .img_snapshot import call
 from .img_util import Progress, cache_mode, format_class, open_backend, run
 
@@ -125,15 +125,12 @@ def main(argv: list[str], host: PluginHost) -> int:
 
 
 async def _main(session: Session, argv: list[str]) -> int:
-    opts, rest = Getopt("hf:F:b:upt:T:qU", {"object": (True, "object"), "image-opts": (False, "image-opts"),
-                                             "force-share": (False, "U")}).parse(argv)
+    opts, rest = Getopt("hf:F:b:upt:T:qU", shared_long("object", "image-opts", "force-share")).parse(argv)
     fmt = new_fmt = new_name = None
     cache = src_cache = "writeback"
     unsafe = progress = False
     common = CommonFlags()
-    for key, value in opts:
-        if common.take(key, value):
-            continue
+    for key, value in common.own(opts):
         if key == "f":
             fmt = value
         elif key == "F":

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from ..driver import PreallocMode
 from ..errors import BlockGraphError, BlockIOError
 from .img_create import SIZE_HELP
-from .img_opts import INT64_MAX, Getopt, ImgExit, strtosz, usage_error
+from .img_opts import INT64_MAX, CommonFlags, Getopt, ImgExit, shared_long, strtosz, usage_error
 from .img_util import open_backend, qprint, run
 
 if TYPE_CHECKING:
@@ -35,19 +35,16 @@ async def _main(session: Session, argv: list[str]) -> int:
     if len(argv) < 3:
         raise usage_error("Not enough arguments")
     size_arg = argv[-1]
-    opts, rest = Getopt("f:hq", {"object": (True, "object"), "image-opts": (False, "image-opts"),
-                                 "preallocation": (True, "preallocation"),
-                                 "shrink": (False, "shrink")}).parse(argv[:-1])
+    long = shared_long("object", "image-opts") | {"preallocation": (True, "preallocation"),
+                                                  "shrink": (False, "shrink")}
+    opts, rest = Getopt("f:hq", long).parse(argv[:-1])
     fmt = None
-    quiet = image_opts = shrink = False
+    shrink = False
     prealloc = PreallocMode.OFF
-    for key, value in opts:
+    common = CommonFlags()
+    for key, value in common.own(opts):
         if key == "f":
             fmt = value
-        elif key == "q":
-            quiet = True
-        elif key == "image-opts":
-            image_opts = True
         elif key == "shrink":
             shrink = True
         elif key == "preallocation":
@@ -55,8 +52,6 @@ async def _main(session: Session, argv: list[str]) -> int:
                 prealloc = PreallocMode(value)
             except ValueError:
                 raise ImgExit(f"Invalid preallocation mode '{value}'") from None
-        elif key == "object":
-            raise ImgExit.no_object()
     if len(rest) != 1:
         raise usage_error("Expecting image file name and size")
     relative = {"+": 1, "-": -1}.get(size_arg[:1], 0)
@@ -64,7 +59,8 @@ async def _main(session: Session, argv: list[str]) -> int:
         n = _int64(strtosz(size_arg[1:] if relative else size_arg))
     except (ValueError, OverflowError):
         raise ImgExit(SIZE_HELP) from None
-    blk = await open_backend(session, rest[0], fmt=fmt, image_opts=image_opts, read_only=False, resize=True)
+    blk = await open_backend(session, rest[0], fmt=fmt, image_opts=common.image_opts, read_only=False,
+                             resize=True)
     current = blk.getlength()
     total = _int64(current + n * relative) if relative else n
     if total <= 0:
@@ -79,5 +75,5 @@ async def _main(session: Session, argv: list[str]) -> int:
         raise ImgExit(e.strerror) from None
     except BlockGraphError as e:
         raise ImgExit(str(e)) from None
-    qprint(quiet, "Image resized.")
+    qprint(common.quiet, "Image resized.")
     return 0

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..driver import SnapshotInfo
 from ..errors import BlockGraphError
-from .img_opts import CommonFlags, Getopt, ImgExit, usage_error
+from .img_opts import CommonFlags, Getopt, ImgExit, shared_long, usage_error
 from .img_util import open_backend, run, size_to_str
 
 if TYPE_CHECKING:
@@ -98,14 +98,11 @@ def main(argv: list[str], host: PluginHost) -> int:
 
 
 async def _main(session: Session, argv: list[str]) -> int:
-    opts, rest = Getopt("la:c:d:hqU", {"object": (True, "object"), "image-opts": (False, "image-opts"),
-                                       "force-share": (False, "U")}).parse(argv)
+    opts, rest = Getopt("la:c:d:hqU", shared_long("object", "image-opts", "force-share")).parse(argv)
     action: str | None = None
     name = ""
     common = CommonFlags()
-    for key, value in opts:
-        if common.take(key, value):
-            continue
+    for key, value in common.own(opts):
         if key in ("l", "a", "c", "d"):
             if action is not None:
                 raise usage_error("Cannot mix '-l', '-a', '-c', '-d'")
