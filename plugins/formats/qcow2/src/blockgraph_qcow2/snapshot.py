@@ -267,15 +267,17 @@ class SnapshotMixin:
     async def _discarding_freed(self) -> AsyncIterator[None]:
         """Clusters a snapshot operation frees are discarded in the file once the metadata that no longer
         references them is on disk (``pass-discard-snapshot``, default on, as QEMU's QCOW2_DISCARD_SNAPSHOT).
-        Use inside the metadata lock, around code that ends with the metadata flushed."""
+        Use inside the metadata lock."""
         rc = self.img.rc
         rc.freed = set()
         try:
             yield
         finally:
             freed, rc.freed = rc.freed, None
-        if not self.options.pass_discard_snapshot:  # type: ignore[attr-defined]
+        if not freed or not self.options.pass_discard_snapshot:  # type: ignore[attr-defined]
             return
+        await self.img.flush_metadata()
+        await self.img.file.flush()
         free = [c for c in sorted(freed) if await rc.get(c) == 0]  # not allocated again meanwhile
         for first, n in _runs(free):
             await try_discard(self.img.file, first << rc.cbits, n << rc.cbits)
