@@ -5,6 +5,8 @@ qemu-img's messages and exit codes; ``--object`` is refused, as no object type h
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -123,3 +125,23 @@ def test_shared_long_lists_only_the_named_switches() -> None:
     assert shared_long("object") == {"object": (True, "object")}
     assert shared_long("image-opts", "force-share") == {"image-opts": (False, "image-opts"),
                                                         "force-share": (False, "U")}
+
+
+@pytest.mark.parametrize("cmd", sorted(TAKES))
+@pytest.mark.parametrize("flag", ["--he", "--hel", "-h"])
+def test_an_abbreviated_help_prints_help_and_runs_nothing(cmd: str, flag: str, tmp_path: Path) -> None:
+    """getopt_long takes any unambiguous prefix of --help: qemu-img prints its help and writes no file."""
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = img(cmd, *TAKES[cmd][0][:-1], flag, TAKES[cmd][0][-1])
+    assert (r.rc, r.err) == (0, "")
+    assert r.lines[1] == "usage: blockgraph img command [command options]"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img not installed")
+@pytest.mark.parametrize("cmd", ["info", "map", "check"])
+def test_image_opts_with_a_bare_name_is_a_node_reference(cmd: str) -> None:
+    """A bare word after --image-opts names an existing node; there is none, so both tools fail alike."""
+    real = subprocess.run(["qemu-img", cmd, "--image-opts", "a.img"], capture_output=True, text=True)
+    r = img(cmd, "--image-opts", "a.img")
+    assert (r.rc, r.out, r.err) == (real.returncode, real.stdout, real.stderr)

@@ -87,7 +87,7 @@ def test_child_reference_by_node_name(tsession: Any, bg_runner: Any) -> None:
     base = bg_runner.run(tsession.open_node(ram("f0")))
     top = bg_runner.run(tsession.open_node({"driver": "tcow", "node-name": "t0", "file": "f0"}))
     assert top.file.node is base and base.parents == [top.file]
-    with pytest.raises(BlockGraphError, match="Cannot find node 'nope'"):
+    with pytest.raises(BlockGraphError, match="Cannot find device='nope' nor node-name='nope'"):
         bg_runner.run(tsession.open_node({"driver": "tcow", "file": "nope"}))
 
 
@@ -122,7 +122,7 @@ def test_failed_open_leaves_nothing_behind(tsession: Any, bg_runner: Any) -> Non
     with pytest.raises(OptionError):
         bg_runner.run(tsession.open_node({"driver": "tcow", "node-name": "t", "file": ram("f"), "bogus": 1}))
     assert tsession.nodes == {} and not hasattr(tsession, "events")  # refused before any child opened
-    with pytest.raises(BlockGraphError, match="Cannot find node 'nope'"):
+    with pytest.raises(BlockGraphError, match="Cannot find device='nope' nor node-name='nope'"):
         bg_runner.run(tsession.open_node({"driver": "tcow", "node-name": "t", "file": ram("f"), "backing": "nope"}))
     assert tsession.nodes == {}
     events = getattr(tsession, "events", [])

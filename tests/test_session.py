@@ -133,7 +133,7 @@ def test_open_backend_that_cannot_lock_closes_its_nodes(bg_session: Any, bg_runn
 
 
 def test_find_node(bg_session: Any) -> None:
-    with pytest.raises(BlockGraphError, match="Cannot find node 'ghost'"):
+    with pytest.raises(BlockGraphError, match="Cannot find device='ghost' nor node-name='ghost'"):
         bg_session.find_node("ghost")
 
 

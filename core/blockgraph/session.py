@@ -102,7 +102,7 @@ class Session:
     def find_node(self, name: str) -> Node:
         node = self.nodes.get(name)
         if node is None:
-            raise BlockGraphError(f"Cannot find node '{name}'")
+            raise BlockGraphError(f"Cannot find device='{name}' nor node-name='{name}'")  # bdrv_lookup_bs
         return node
 
     def _new_name(self) -> str:

@@ -78,7 +78,7 @@ def main(argv: list[str], host: PluginHost) -> int:
     if entry is None:
         sys.stderr.write(f"{PROG}: Command not found: {cmd}\nTry '{PROG} --help' for more information\n")
         return 1
-    if any(a in ("-h", "--help") for a in argv[1:]):
+    if any(a == "-h" or (len(a) > 2 and "--help".startswith(a)) for a in argv[1:]):  # getopt takes --he too
         print(usage(host))
         return 0
     module = importlib.import_module(f"{__package__}.{entry[0]}")
