@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .bitmaps import set_dirty
 from .driver import BlockStatus, DriverKind, PreallocMode, ReqFlags, Status
@@ -57,6 +57,26 @@ def sector_length(length: int) -> int:
 def zero_view(length: int) -> memoryview:
     """A read-only view of ``length`` zero bytes (at most :data:`ZERO_CHUNK`)."""
     return _ZERO_VIEW[:length]
+
+
+class BlockChunk(NamedTuple):
+    """The part of a request inside one fixed-size block of a format (see :func:`block_chunks`)."""
+
+    pos: int  # where the part starts in the request's buffer
+    offset: int  # its guest offset
+    block: int  # the block's index
+    within: int  # its offset inside the block
+    length: int
+
+
+def block_chunks(offset: int, length: int, block_size: int) -> Iterator[BlockChunk]:
+    """Split the guest range ``[offset, offset+length)`` at ``block_size`` boundaries (vdi, vpc, vhdx blocks)."""
+    pos = 0
+    while pos < length:
+        block, within = divmod(offset + pos, block_size)
+        n = min(length - pos, block_size - within)
+        yield BlockChunk(pos, offset + pos, block, within, n)
+        pos += n
 
 
 # ---------------------------------------------------------------- tracked requests

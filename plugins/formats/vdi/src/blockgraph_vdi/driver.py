@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import attrs
 from blockgraph.driver import BlockStatus, CheckFix, CheckResult, DriverKind, ReqFlags, Status
 from blockgraph.errors import BlockIOError, ImageCorrupt, NotSupported, OpenError
+from blockgraph.io import block_chunks
 from blockgraph.options import opt, parse_bool, parse_size
 from blockgraph.perms import ChildRole
 
@@ -108,11 +109,8 @@ class VdiDriver:
         return self.header.offset_data + entry * BLOCK_SIZE
 
     async def preadv(self, offset: int, buf: memoryview, flags: ReqFlags) -> None:
-        pos, end = 0, len(buf)
         file_len = self.file.getlength()
-        while pos < end:
-            block, in_block = divmod(offset + pos, BLOCK_SIZE)
-            n = min(end - pos, BLOCK_SIZE - in_block)
+        for pos, _, block, in_block, n in block_chunks(offset, len(buf), BLOCK_SIZE):
             piece = buf[pos:pos + n]
             at = self._data_offset(block, "read")
             # Past the end of the file reads as zeros, as QEMU's file driver pads short reads.
@@ -121,14 +119,10 @@ class VdiDriver:
                 await self.file.preadv(at + in_block, piece[:have], flags)
             if have < n:
                 piece[have:] = bytes(n - have)
-            pos += n
 
     async def pwritev(self, offset: int, buf: memoryview, flags: ReqFlags) -> None:
-        pos, end = 0, len(buf)
         first_new = last_new = -1
-        while pos < end:
-            block, in_block = divmod(offset + pos, BLOCK_SIZE)
-            n = min(end - pos, BLOCK_SIZE - in_block)
+        for pos, _, block, in_block, n in block_chunks(offset, len(buf), BLOCK_SIZE):
             at = self._data_offset(block, "write")
             if at is not None:
                 await self.file.pwritev(at + in_block, buf[pos:pos + n])
@@ -136,7 +130,6 @@ class VdiDriver:
                 await self._allocate(block, in_block, buf[pos:pos + n])
                 first_new = block if first_new < 0 else first_new
                 last_new = block
-            pos += n
         if first_new >= 0:
             await self._write_metadata(first_new, last_new)
 

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import attrs
 from blockgraph.driver import BlockStatus, CheckFix, CheckResult, Concurrency, DriverKind, ReqFlags, Status
 from blockgraph.errors import ImageCorrupt, NotSupported, OpenError
+from blockgraph.io import block_chunks
 from blockgraph.perms import ChildRole
 
 from .create import VhdxCreateOptions
@@ -248,14 +249,6 @@ class VhdxDriver:
             pos = end
         return runs
 
-    def _chunks(self, offset: int, length: int):
-        end = offset + length
-        while offset < end:
-            block, within = divmod(offset, self.block_size)
-            n = min(end - offset, self.block_size - within)
-            yield block, within, n
-            offset += n
-
     # ------------------------------------------------------------------ reads
 
     async def _read_parent(self, offset: int, buf: memoryview) -> None:
@@ -269,8 +262,7 @@ class VhdxDriver:
             buf[have:] = bytes(len(buf) - have)
 
     async def preadv(self, offset: int, buf: memoryview, flags: ReqFlags) -> None:
-        pos = 0
-        for block, within, n in self._chunks(offset, len(buf)):
+        for pos, off, block, within, n in block_chunks(offset, len(buf), self.block_size):
             part = buf[pos:pos + n]
             entry = self.bat[self._payload_index(block)]
             state, host = entry & BAT_STATE_MASK, entry & BAT_OFFSET_MASK
@@ -284,10 +276,9 @@ class VhdxDriver:
                     else:
                         await self._read_parent(block * self.block_size + at, sub)
             elif self.layout.has_parent and state != PAYLOAD_ZERO:
-                await self._read_parent(offset + pos, part)
+                await self._read_parent(off, part)
             else:
                 part[:] = bytes(n)
-            pos += n
 
     async def block_status(self, offset: int, length: int, want_zero: bool) -> BlockStatus:
         """What the BAT says. QEMU 7.2's vhdx has no block status (its map calls everything data and its
@@ -349,8 +340,7 @@ class VhdxDriver:
 
     async def _pwritev(self, offset: int, buf: memoryview, flags: ReqFlags) -> None:
         await self._visible_write()
-        pos = 0
-        for block, within, n in self._chunks(offset, len(buf)):
+        for pos, _, block, within, n in block_chunks(offset, len(buf), self.block_size):
             part = buf[pos:pos + n]
             entry = self.bat[self._payload_index(block)]
             state, host = entry & BAT_STATE_MASK, entry & BAT_OFFSET_MASK
@@ -360,11 +350,10 @@ class VhdxDriver:
                 await self._write_partial(block, host, within, part)
             else:
                 await self._allocate(block, within, part)
-            pos += n
 
     async def pwrite_zeroes(self, offset: int, length: int, flags: ReqFlags) -> None:
         """Unallocated blocks of an image without parent already read as zeros; anything else is written."""
-        for block, _within, _n in self._chunks(offset, length):
+        for _, _, block, _, _ in block_chunks(offset, length, self.block_size):
             state = self.bat[self._payload_index(block)] & BAT_STATE_MASK
             if self.layout.has_parent or state in (PAYLOAD_FULLY_PRESENT, PAYLOAD_PARTIALLY_PRESENT):
                 raise NotSupported("vhdx writes zeros as data here")

@@ -12,12 +12,12 @@ import errno
 import uuid
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import attrs
 from blockgraph.driver import BlockStatus, DriverKind, ReqFlags, Status
 from blockgraph.errors import BlockGraphError, BlockIOError, ImageCorrupt, NotSupported, OpenError
+from blockgraph.io import block_chunks
 from blockgraph.options import one_of, opt, parse_bool, parse_size
 from blockgraph.perms import ChildRole
 
@@ -325,21 +325,11 @@ class VpcDriver:
 
     # ------------------------------------------------------------ data path
 
-    def _chunks(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int, int]]:
-        """(position in the buffer, guest offset, block, offset in block, length) per block a request touches."""
-        pos = 0
-        while pos < length:
-            off = offset + pos
-            block, in_block = divmod(off, self.block_size)
-            n = min(length - pos, self.block_size - in_block)
-            yield pos, off, block, in_block, n
-            pos += n
-
     async def preadv(self, offset: int, buf: memoryview, flags: ReqFlags) -> None:
         if self.fixed:
             await self.file.preadv(offset, buf, flags)
             return
-        for pos, off, block, in_block, n in self._chunks(offset, len(buf)):
+        for pos, off, block, in_block, n in block_chunks(offset, len(buf), self.block_size):
             if self._entry(block) == UNALLOCATED:
                 await self._read_absent(off, buf[pos:pos + n])
             else:
@@ -359,7 +349,7 @@ class VpcDriver:
         if self.fixed:
             await self.file.pwritev(offset, buf, flags)
             return
-        for pos, _off, block, in_block, n in self._chunks(offset, len(buf)):
+        for pos, _off, block, in_block, n in block_chunks(offset, len(buf), self.block_size):
             piece = buf[pos:pos + n]
             if self._entry(block) == UNALLOCATED:
                 await self._allocate(block, in_block, piece)
