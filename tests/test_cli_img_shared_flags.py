@@ -145,3 +145,14 @@ def test_image_opts_with_a_bare_name_is_a_node_reference(cmd: str) -> None:
     real = subprocess.run(["qemu-img", cmd, "--image-opts", "a.img"], capture_output=True, text=True)
     r = img(cmd, "--image-opts", "a.img")
     assert (r.rc, r.out, r.err) == (real.returncode, real.stdout, real.stderr)
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img not installed")
+@pytest.mark.parametrize("args", [["commit", "-r", "x", "-Z", "a.img"], ["bench", "-c", "x", "--bogus", "a.img"],
+                                  ["convert", "-S", "x", "-Z", "a.img", "b.img"], ["info", "-Z", "-f"],
+                                  ["map", "--output=x", "--nope", "a.img"], ["check", "-r", "x", "-Z", "a.img"]])
+def test_the_first_bad_option_is_reported_first(args: list[str]) -> None:
+    """qemu-img checks each value inside its getopt loop: a bad value beats a later unknown option."""
+    real = subprocess.run(["qemu-img", *args], capture_output=True, text=True)
+    r = img(*args)
+    assert (r.rc, r.out, r.err) == (real.returncode, real.stdout, real.stderr)

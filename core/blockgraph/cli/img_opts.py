@@ -87,6 +87,19 @@ def usage_error(msg: str) -> ImgExit:
     return ImgExit(msg, 1, usage=True)
 
 
+class ParsedOptions(list):
+    """``(key, value)`` pairs in command-line order. A bad option met while parsing is raised when iteration
+    reaches it: qemu-img checks each option's value inside its getopt loop, so an error about an earlier
+    option's value comes before "unrecognized option" for a later one."""
+
+    error: ImgExit | None = None
+
+    def __iter__(self) -> Iterator[tuple[str, str | None]]:
+        yield from super().__iter__()
+        if self.error is not None:
+            raise self.error
+
+
 class Getopt:
     """GNU ``getopt_long`` with permutation.
 
@@ -106,23 +119,27 @@ class Getopt:
         self.long = dict(long or {})
         self.long.setdefault("help", (False, "h"))
 
-    def parse(self, argv: Sequence[str]) -> tuple[list[tuple[str, str | None]], list[str]]:
-        """``argv[0]`` is the subcommand name; returns ``([(key, value)], positional)``."""
-        opts: list[tuple[str, str | None]] = []
+    def parse(self, argv: Sequence[str]) -> tuple[ParsedOptions, list[str]]:
+        """``argv[0]`` is the subcommand name; returns ``([(key, value)], positional)``. A bad option ends
+        the parse; iterating the options raises it after the good ones before it."""
+        opts = ParsedOptions()
         rest: list[str] = []
         i = 1
-        while i < len(argv):
-            arg = argv[i]
-            if arg == "--":
-                rest.extend(argv[i + 1:])
-                break
-            if arg.startswith("--"):
-                i = self._long(argv, i, opts)
-            elif arg.startswith("-") and len(arg) > 1:
-                i = self._short(argv, i, opts)
-            else:
-                rest.append(arg)
-                i += 1
+        try:
+            while i < len(argv):
+                arg = argv[i]
+                if arg == "--":
+                    rest.extend(argv[i + 1:])
+                    break
+                if arg.startswith("--"):
+                    i = self._long(argv, i, opts)
+                elif arg.startswith("-") and len(arg) > 1:
+                    i = self._short(argv, i, opts)
+                else:
+                    rest.append(arg)
+                    i += 1
+        except ImgExit as e:
+            opts.error = e
         return opts, rest
 
     def _long(self, argv: Sequence[str], i: int, opts: list[tuple[str, str | None]]) -> int:
