@@ -227,6 +227,7 @@ def test_too_much_extra_data(too_much_extra: Path) -> None:
                                          "You can force-remove this extra metadata with qemu-img check -r all\n")
     q, b = both(too_much_extra, "check", "-r", "all")
     assert_same_repair(q, b, ["s1", "s2", "s3"])
+    both(too_much_extra, "check", "-r", "all", "--output=json")
     # QEMU keeps the first 1024 bytes of extra data (what it does not know it carries along)
     assert read_entries(b) == read_entries(q)
     assert read_entries(b)[1][0][8] == 1024
@@ -245,6 +246,31 @@ def test_incomplete_entries(base: Path, tmp_path: Path) -> None:
     q, b = both(p, "check", "-r", "all")
     assert_same_repair(q, b, ["s1", "s2", "s3"])
     assert [e[0][8] for e in read_entries(b)] == [e[0][8] for e in read_entries(q)] == [24, 24, 24]
+
+
+def test_v2_entries_need_no_extra_data(tmp_path: Path) -> None:
+    """Only v3 requires 16 bytes of extra data per entry: a v2 image without any is clean for both."""
+    p = tmp_path / "v2.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "compat=0.10", str(p), "1M")
+    qemu_io(p, "write -P 4 0 4k")
+    qemu_img("snapshot", "-c", "old", str(p))
+    entries = read_entries(p)
+    entries[0] = (entries[0][0], b"", entries[0][2])
+    rewrite_in_place(p, entries)
+    both(p, "check")
+    q, b = both(p, "check", "-r", "all")
+    assert digest(b) == digest(q) == digest(p)
+    assert bg("snapshot", "-l", str(p)) == real("snapshot", "-l", str(p))
+
+
+@pytest.mark.parametrize("nb, offset", [(0, 0x12345), (2, 0x10200)])
+def test_table_offset_invalid(base: Path, tmp_path: Path, nb: int, offset: int) -> None:
+    p = copy(base, tmp_path / "off.qcow2")
+    with open(p, "r+b") as f:
+        f.seek(60)
+        f.write(struct.pack(">IQ", nb, offset))
+    assert_refused_alike(p, "Snapshot table offset invalid\n")
+    both(p, "check", "-r", "all")
 
 
 def test_unaligned_snapshot_l1_is_reported_not_fixed(base: Path, tmp_path: Path) -> None:

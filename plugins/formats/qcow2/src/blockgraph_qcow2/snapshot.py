@@ -106,12 +106,14 @@ class _TableReader:
     def __init__(self, img: Image) -> None:
         self.img, self.flen = img, img.file.getlength()
         self.start, self.buf = 0, b""
+        self.window = 4096  # grows on each refill: a small table costs one small read
 
     async def read(self, off: int, n: int) -> bytes:
         if off + n > self.flen:
             raise ImageCorrupt("Snapshot table exceeds the file size", node=self.img.node_name or None, offset=off)
         if not (self.start <= off and off + n <= self.start + len(self.buf)):
-            size = min(max(n, self.WINDOW), self.flen - off)
+            size = min(max(n, self.window), self.flen - off)
+            self.window = min(self.window * 4, self.WINDOW)
             buf = bytearray(size)
             if size:
                 await self.img.file.preadv(off, memoryview(buf))
@@ -261,11 +263,11 @@ class SnapshotMixin:
 
     async def load_snapshots(self) -> None:
         h = self.img.h
+        # QEMU's qcow2_validate_table in qcow2_do_open (the offset is checked even with no snapshot)
         if h.nb_snapshots > MAX_SNAPSHOTS:
-            raise SnapshotTableError("Snapshot table too large", err=errno.EFBIG)
-        if h.nb_snapshots and (h.snapshots_offset % self.img.cs or not h.snapshots_offset):
-            raise ImageCorrupt("Snapshot table offset invalid", node=self.img.node_name or None,
-                               offset=h.snapshots_offset)
+            raise SnapshotTableError("Snapshot table too large")
+        if h.snapshots_offset % self.img.cs or (h.nb_snapshots and not h.snapshots_offset):
+            raise SnapshotTableError("Snapshot table offset invalid", err=errno.EINVAL)
         table = await read_table(self.img)
         self.snapshots, self.snapshots_size = table.snaps, table.size
 
