@@ -273,11 +273,12 @@ def test_table_offset_invalid(base: Path, tmp_path: Path, nb: int, offset: int) 
     both(p, "check", "-r", "all")
 
 
-def test_unaligned_snapshot_l1_is_reported_not_fixed(base: Path, tmp_path: Path) -> None:
-    """QEMU does not repair a snapshot whose L1 offset is off its cluster: it stays a corruption."""
+@pytest.mark.parametrize("field, delta", [(0, 512), (1, 0x400000)])
+def test_bad_snapshot_l1_is_reported_not_fixed(base: Path, tmp_path: Path, field: int, delta: int) -> None:
+    """QEMU does not repair a snapshot whose L1 table is off its cluster or too large: it stays a corruption."""
     p = copy(base, tmp_path / "l1.qcow2")
     entries = read_entries(p)
-    entries[1][0][0] += 512
+    entries[1][0][field] += delta
     rewrite_in_place(p, entries)
     both(p, "check")
     both(p, "check", "--output=json")
@@ -350,3 +351,56 @@ def test_repaired_image_opens_in_blockgraph(too_much_extra: Path) -> None:
     assert (rc, err) == (0, "")
     assert out == real("snapshot", "-l", str(too_much_extra))[1]
     assert QEMU_IMG
+
+
+def run_failing_at(path: Path, k: int, monkeypatch: pytest.MonkeyPatch) -> int:
+    """``img check -r all`` with the k-th write to the image file failing (and every later one not made):
+    the file holds exactly the writes before it, as after a crash. Returns how many writes were attempted."""
+    import errno
+
+    from blockgraph.errors import BlockIOError
+    from blockgraph.node import Child
+
+    orig = Child.pwritev
+    count = 0
+
+    def pwritev(self: Child, offset: int, buf: memoryview, *args: object) -> object:
+        nonlocal count
+        if self.node.driver_name == "file":
+            count += 1
+            if count >= k:
+                raise BlockIOError(errno.EIO, op="write")
+        return orig(self, offset, buf, *args)
+
+    with monkeypatch.context() as m:
+        m.setattr(Child, "pwritev", pwritev)
+        bg("check", "-r", "all", str(path))
+    return count
+
+
+def test_table_rewrite_is_crash_safe(too_much_extra: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cut the repair after each of its writes: the image is either still the old one (which qemu-img refuses
+    the same way) or has the new table with nothing worse than leaks; qemu-img check -r all then always ends
+    with the three snapshots and their data."""
+    clean = copy(too_much_extra, tmp_path / "clean.qcow2")
+    writes = run_failing_at(clean, 1 << 30, monkeypatch)
+    assert writes >= 3  # the new table, the header switch, the old table's refcount
+    listing = snapshot_list(clean)
+    for k in range(1, writes + 1):
+        p = copy(too_much_extra, tmp_path / "cut.qcow2")
+        run_failing_at(p, k, monkeypatch)
+        rc, out, err = real("check", str(p))
+        if "Too much extra metadata in snapshot table entry 1" in err:
+            assert rc == 1
+        else:
+            assert rc in (0, 3), (k, out, err)
+            assert all(line.startswith("Leaked cluster ") for line in err.splitlines()), (k, err)
+        assert real("check", "-r", "all", str(p))[0] == 0
+        assert snapshot_list(p) == listing
+        for name in ("s1", "s2"):
+            raws = []
+            for img in (clean, p):
+                raw = img.with_suffix(".raw")
+                qemu_img("convert", "-O", "raw", "-l", f"snapshot.name={name}", str(img), str(raw))
+                raws.append(raw.read_bytes())
+            assert raws[0] == raws[1]

@@ -12,6 +12,7 @@ entries to repair. Lines starting ``qemu-img: `` are QEMU's error_report lines, 
 from __future__ import annotations
 
 import errno
+import os
 import struct
 from typing import Any
 
@@ -24,6 +25,12 @@ from .snapshot import SnapshotTableError, read_table
 _ENTRY_HEAD = 40  # bytes of an entry before its extra data (QEMU's QCowSnapshotHeader)
 _MIN_V3_EXTRA = 16  # vm_state_size_large and disk_size: what every v3 entry must have
 _ERR = "qemu-img: "
+
+
+def _strerror(e: BlockGraphError) -> str:
+    """QEMU prints strerror(-ret) here, whatever detail the error carries."""
+    err = getattr(e, "errno", None)
+    return os.strerror(err) if isinstance(err, int) and err > 0 else str(e)
 
 
 def _fail(res: CheckResult, err: int, detail: str) -> BlockIOError:
@@ -81,7 +88,7 @@ async def check_read_snapshot_table(drv: Any, res: CheckResult, fix: CheckFix) -
             await img.file.flush()
         except BlockGraphError as e:
             res.check_errors += 1
-            msg(f"ERROR failed to update the snapshot count in the image header: {getattr(e, 'strerror', e)}")
+            msg(f"ERROR failed to update the snapshot count in the image header: {_strerror(e)}")
             raise _fail(res, getattr(e, "errno", errno.EIO), "failed to update the snapshot count") from None
         res.corruptions_fixed += reduced
         res.corruptions -= reduced
@@ -106,7 +113,7 @@ async def check_fix_snapshot_table(drv: Any, res: CheckResult, fix: CheckFix) ->
         await drv._write_table(list(drv.snapshots))
     except BlockGraphError as e:
         res.check_errors += 1
-        res.messages.append(f"ERROR failed to update snapshot table: {getattr(e, 'strerror', e)}")
+        res.messages.append(f"ERROR failed to update snapshot table: {_strerror(e)}")
         raise _fail(res, getattr(e, "errno", errno.EIO), "failed to update snapshot table") from None
     res.corruptions_fixed += res.corruptions
     res.corruptions = 0
