@@ -1,6 +1,7 @@
 """Internal snapshots (docs/interop/qcow2.txt "Snapshots"; QEMU's qcow2-snapshot.c).
 
-The snapshot table is read at open (``load_snapshots``) and replaced as a whole: a new table is written
+The snapshot table is read at open (``load_snapshots``; in check mode ``img check`` reads and repairs it
+instead, see :mod:`.snapshot_check`) and replaced as a whole: a new table is written
 to fresh clusters, flushed, then ``nb_snapshots`` and ``snapshots_offset`` are switched in one header
 write and the old table freed. Creating a snapshot copies the active L1 table and adds one reference to
 every L2 table and data cluster it reaches (clearing their COPIED flags); applying one takes references
