@@ -11,6 +11,7 @@ entries to repair. Lines starting ``qemu-img: `` are QEMU's error_report lines, 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import struct
@@ -109,8 +110,13 @@ async def check_fix_snapshot_table(drv: Any, res: CheckResult, fix: CheckFix) ->
     """Rewrite the table read by check_read_snapshot_table when it had entries to repair."""
     if not (res.corruptions and fix & CheckFix.ERRORS):
         return
+    # The old table is discarded once it is free (QEMU's QCOW2_DISCARD_SNAPSHOT), where the driver does that.
+    discarding = getattr(drv, "_discarding_freed", None)
     try:
-        await drv._write_table(list(drv.snapshots))
+        async with discarding() if discarding is not None else contextlib.nullcontext():
+            await drv._write_table(list(drv.snapshots))
+            await drv.img.flush_metadata()
+            await drv.img.file.flush()
     except BlockGraphError as e:
         res.check_errors += 1
         res.messages.append(f"ERROR failed to update snapshot table: {_strerror(e)}")
