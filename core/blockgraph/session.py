@@ -139,7 +139,8 @@ class Session:
             raise OptionError(f"expected an option object or a node name, got {spec!r}")
         options = dict(spec)
         probed_raw = bool(options.pop("x-probed-raw", False))
-        check_mode = bool(options.pop("x-check", False))
+        # QEMU's BDRV_O_CHECK: set on the top node by ``img check``, inherited by every child (the backing too)
+        check_mode = bool(options.pop("x-check", False)) or (parent is not None and parent.check_mode)
         if parent is not None and parent.common is not None:
             self._inherit(options, parent, role)
         if "driver" not in options and "filename" in options:

@@ -415,3 +415,15 @@ def test_table_rewrite_is_crash_safe(too_much_extra: Path, tmp_path: Path, monke
                 qemu_img("convert", "-O", "raw", "-l", f"snapshot.name={name}", str(img), str(raw))
                 raws.append(raw.read_bytes())
             assert raws[0] == raws[1]
+
+
+def test_backing_opened_in_check_mode_too(too_much_extra: Path, tmp_path: Path) -> None:
+    """qemu-img check passes BDRV_O_CHECK down to the backing file: an overlay over an image whose table QEMU
+    refuses still checks clean, while a plain open of the overlay fails on its backing."""
+    overlay = tmp_path / "overlay.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", too_much_extra.name, "-F", "qcow2", str(overlay), "4M")
+    for args in (("check",), ("check", "--output=json")):
+        mine, theirs = bg(*args, str(overlay)), real(*args, str(overlay))
+        assert mine == theirs and mine[0] == 0
+    rc, _out, err = bg("info", "--backing-chain", str(overlay))
+    assert rc == 1 and "Too much extra metadata in snapshot table entry 1" in err
