@@ -103,6 +103,7 @@ class Node:
     shared: Perm = Perm.ALL
     refcnt: int = 0
     probed_raw: bool = False
+    check_mode: bool = False  # opened by ``img check`` (QEMU's BDRV_O_CHECK)
     filename: str = ""
     # I/O state, read on every request by the generic layer.
     lock: asyncio.Lock | None = None
@@ -430,6 +431,11 @@ class NodeContext:
     @property
     def probed_raw(self) -> bool:
         return self._node.probed_raw
+
+    @property
+    def check_mode(self) -> bool:
+        """Opened for ``img check`` (QEMU's BDRV_O_CHECK): skip what the check reads and repairs itself."""
+        return self._node.check_mode
 
     @property
     def file(self) -> Child | None:

@@ -139,6 +139,8 @@ class Session:
             raise OptionError(f"expected an option object or a node name, got {spec!r}")
         options = dict(spec)
         probed_raw = bool(options.pop("x-probed-raw", False))
+        # QEMU's BDRV_O_CHECK: set on the top node by ``img check``, inherited by every child (the backing too)
+        check_mode = bool(options.pop("x-check", False)) or (parent is not None and parent.check_mode)
         if parent is not None and parent.common is not None:
             self._inherit(options, parent, role)
         if "driver" not in options and "filename" in options:
@@ -181,6 +183,7 @@ class Session:
         node.discard_unmap = common.discard in ("unmap", "on")
         node.filename = str(_get(options, "filename") or _get(options, "file.filename") or "")
         node.probed_raw = probed_raw
+        node.check_mode = check_mode
         node.configure_io()
         self.nodes[name] = node
         ctx = NodeContext(node, specs, self.open_node)

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ..session import Session
 
 NOT_SUPPORTED = 63
+CHECK_MODE = {"x-check": True}  # QEMU's BDRV_O_CHECK, seen by the driver as NodeContext.check_mode
 
 
 def check_node(node: Node) -> Node | None:
@@ -102,13 +103,14 @@ async def open_for_check(session: Session, filename: str, fmt: str | None, image
                          force_share: bool, cache: str) -> Node:
     """The image as qemu-img check opens it (BDRV_O_CHECK): a repair opens it read-only and then reopens it
     read-write, so that the driver's open-time fixes (a dirty image's automatic repair, the corrupt bit's
-    refusal) leave the work to the check, which reports it."""
+    refusal) leave the work to the check, which reports it. The top node is opened in check mode (``x-check``)."""
     if not fix:
         blk = await open_backend(session, filename, fmt=fmt, image_opts=image_opts, read_only=True,
-                                 force_share=force_share, share_all=False, cache=cache)
+                                 force_share=force_share, share_all=False, cache=cache, options=dict(CHECK_MODE))
         return blk.node
     try:
-        node = await open_node(session, filename, fmt=fmt, image_opts=image_opts, read_only=True, cache=cache)
+        node = await open_node(session, filename, fmt=fmt, image_opts=image_opts, read_only=True, cache=cache,
+                               options=dict(CHECK_MODE))
     except ImgExit:  # some formats open only read-write when they need fixing (a VHDX log to replay)
         return await _open_rw(session, filename, fmt, image_opts, cache)
     if node.caps is not None and node.caps.reopen:
@@ -125,7 +127,7 @@ async def open_for_check(session: Session, filename: str, fmt: str | None, image
 
 async def _open_rw(session: Session, filename: str, fmt: str | None, image_opts: bool, cache: str) -> Node:
     blk = await open_backend(session, filename, fmt=fmt, image_opts=image_opts, read_only=False,
-                             share_all=False, cache=cache)
+                             share_all=False, cache=cache, options=dict(CHECK_MODE))
     return blk.node
 
 

@@ -464,6 +464,17 @@ def _restore(res: CheckResult, saved: CheckResult) -> None:
     res.corruptions_fixed, res.leaks_fixed = saved.corruptions_fixed, saved.leaks_fixed
 
 
+async def check_snapshots_and_refcounts(drv: Any, res: CheckResult, fix: CheckFix) -> None:
+    """The snapshot table read (and its repairs), the refcounts, then the table rewritten, as QEMU orders them."""
+    from .snapshot_check import add_result, check_fix_snapshot_table, check_read_snapshot_table
+
+    snap = CheckResult(messages=res.messages)  # one list of lines, in the order QEMU prints them
+    await check_read_snapshot_table(drv, snap, fix)
+    await check_refcounts(drv, res, fix)
+    await check_fix_snapshot_table(drv, snap, fix)
+    add_result(res, snap)
+
+
 async def check(drv: Any, fix: CheckFix) -> CheckResult:
     """The driver's ``check`` hook (QEMU's qcow2_co_check_locked)."""
     img = drv.img
@@ -473,7 +484,7 @@ async def check(drv: Any, fix: CheckFix) -> CheckResult:
     if not getattr(drv, "read_only", True):
         await img.flush_metadata()
         await img.file.flush()
-    await check_refcounts(drv, res, fix)
+    await check_snapshots_and_refcounts(drv, res, fix)
     if fix:
         await img.flush_metadata()
         await img.file.flush()

@@ -90,7 +90,10 @@ class Qcow2Driver(WriteMixin, FullDiscardMixin, ResizeMixin, CheckMixin, Snapsho
         img.lazy = lazy
         self.cluster_size = h.cluster_size
         await img.load(self.file.getlength())
-        await self.load_snapshots()
+        if getattr(node, "check_mode", False):  # as QEMU with BDRV_O_CHECK: the check reads (and repairs) the table
+            self.snapshots, self.snapshots_size = [], 0
+        else:
+            await self.load_snapshots()
         await self._open_data_file(h)
         if h.backing_file and not node.backing_disabled():
             if h.data_file_raw:

@@ -1,6 +1,7 @@
 """Internal snapshots (docs/interop/qcow2.txt "Snapshots"; QEMU's qcow2-snapshot.c).
 
-The snapshot table is read at open (``load_snapshots``) and replaced as a whole: a new table is written
+The snapshot table is read at open (``load_snapshots``; in check mode ``img check`` reads and repairs it
+instead, see :mod:`.snapshot_check`) and replaced as a whole: a new table is written
 to fresh clusters, flushed, then ``nb_snapshots`` and ``snapshots_offset`` are switched in one header
 write and the old table freed. Creating a snapshot copies the active L1 table and adds one reference to
 every L2 table and data cluster it reaches (clearing their COPIED flags); applying one takes references
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 from blockgraph.driver import SnapshotInfo
-from blockgraph.errors import BlockIOError, ImageCorrupt
+from blockgraph.errors import BlockIOError, ImageCorrupt, OpenError
 
 from .constants import (
     L1E_OFFSET_MASK,
@@ -78,61 +79,116 @@ def pack_table(snaps: list[Snapshot]) -> bytes:
     return bytes(out)
 
 
-async def read_table(img: Image, repair: bool = False, messages: list[str] | None = None) -> tuple[list[Snapshot], int]:
-    """The snapshot table as stored, and its size in bytes; ImageCorrupt on anything out of bounds."""
+@attrs.define
+class TableRead:
+    """A snapshot table as read: its entries, its size in bytes on disk, and what a repairing read dropped."""
+
+    snaps: list[Snapshot]
+    size: int
+    extra_dropped: int = 0  # entries whose extra data was cut to MAX_EXTRA_DATA
+    reduced: int = 0  # overhanging entries dropped off the end (table too big)
+
+
+class SnapshotTableError(OpenError):
+    """QEMU's snapshot table refusals; ``reason`` and ``hint`` apart for ``img check``'s own lines."""
+
+    def __init__(self, reason: str, hint: str = "", err: int = errno.EFBIG) -> None:
+        super().__init__(f"{reason}\n{hint}" if hint else reason)
+        self.reason, self.hint, self.errno = reason, hint, err
+
+
+def _cstr(raw: bytes) -> str:
+    """QEMU keeps ids and names as C strings: they end at the first NUL."""
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+class _TableReader:
+    """Reads the table through a window of up to 1 MiB, so that tens of thousands of entries cost few reads."""
+
+    WINDOW = 1 << 20
+
+    def __init__(self, img: Image) -> None:
+        self.img, self.flen = img, img.file.getlength()
+        self.start, self.buf = 0, b""
+        self.window = 4096  # grows on each refill: a small table costs one small read
+
+    async def read(self, off: int, n: int) -> bytes:
+        if off + n > self.flen:
+            raise ImageCorrupt("Snapshot table exceeds the file size", node=self.img.node_name or None, offset=off)
+        if not (self.start <= off and off + n <= self.start + len(self.buf)):
+            size = min(max(n, self.window), self.flen - off)
+            self.window = min(self.window * 4, self.WINDOW)
+            buf = bytearray(size)
+            if size:
+                await self.img.file.preadv(off, memoryview(buf))
+            self.start, self.buf = off, bytes(buf)
+        pos = off - self.start
+        return self.buf[pos:pos + n]
+
+
+async def read_table(img: Image, nb: int | None = None, offset: int | None = None, repair: bool = False,
+                     messages: list[str] | None = None) -> TableRead:
+    """The snapshot table (QEMU's qcow2_do_read_snapshots); ``nb``/``offset`` default to the header's.
+
+    Without ``repair`` an entry with too much extra data or a table past 64 MiB is a SnapshotTableError with
+    QEMU's text and hint; with it, the excess extra data is cut and the overhanging entries dropped, each
+    announced in ``messages`` as QEMU prints it.
+    """
     h = img.h
-    if not h.nb_snapshots:
-        return [], 0
-    if h.nb_snapshots > MAX_SNAPSHOTS:
-        raise ImageCorrupt("Too many snapshots", node=img.node_name or None)
-    if h.snapshots_offset % img.cs or not h.snapshots_offset:
-        raise ImageCorrupt("Snapshot table offset invalid", node=img.node_name or None, offset=h.snapshots_offset)
-    flen = img.file.getlength()
+    nb = h.nb_snapshots if nb is None else nb
+    offset = h.snapshots_offset if offset is None else offset
+    if not nb:
+        return TableRead([], 0)
+    rd = _TableReader(img)
     snaps: list[Snapshot] = []
-    off = h.snapshots_offset
-    start = off
-    for i in range(h.nb_snapshots):
+    out = TableRead(snaps, 0)
+    off = start = offset
+    table_length = 0
+    for i in range(nb):
+        pre = off
+        table_length += -table_length % 8
         off += -(off - start) % 8
-        head = await _read(img, off, _ENTRY.size, flen)
-        l1_off, l1_size, id_len, name_len, dsec, dnsec, clock, vm32, extra_size = _ENTRY.unpack(head)
+        l1_off, l1_size, id_len, name_len, dsec, dnsec, clock, vm32, extra_size = _ENTRY.unpack(
+            await rd.read(off, _ENTRY.size))
         off += _ENTRY.size
+        kept = extra_size
         if extra_size > MAX_EXTRA_DATA:
             if not repair:
-                raise ImageCorrupt(f"Too much extra metadata in snapshot table entry {i}",
-                                   node=img.node_name or None)
+                raise SnapshotTableError(f"Too much extra metadata in snapshot table entry {i}",
+                                         "You can force-remove this extra metadata with qemu-img check -r all")
             if messages is not None:
                 messages.append(f"Discarding too much extra metadata in snapshot table entry {i} "
                                 f"({extra_size} > {MAX_EXTRA_DATA})")
-        extra = await _read(img, off, extra_size, flen) if extra_size else b""
+            out.extra_dropped += 1
+            kept = MAX_EXTRA_DATA
+        extra = await rd.read(off, kept)
         off += extra_size
-        sn = Snapshot(l1_off, l1_size, "", "", dsec, dnsec, clock, vm32, h.size, -1,
-                      min(extra_size, MAX_EXTRA_DATA))
-        if extra_size >= 8:
+        sn = Snapshot(l1_off, l1_size, "", "", dsec, dnsec, clock, vm32, h.size, -1, kept)
+        if kept >= 8:
             sn.vm_state_size = struct.unpack_from(">Q", extra, 0)[0]
-        if extra_size >= 16:
+        if kept >= 16:
             sn.disk_size = struct.unpack_from(">Q", extra, 8)[0]
-        if extra_size >= 24:
+        if kept >= 24:
             sn.icount = struct.unpack_from(">Q", extra, 16)[0]
             if sn.icount == (1 << 64) - 1:
                 sn.icount = -1
-        sn.unknown_extra = bytes(extra[_EXTRA.size:min(extra_size, MAX_EXTRA_DATA)])
-        names = await _read(img, off, id_len + name_len, flen)
+        sn.unknown_extra = bytes(extra[_EXTRA.size:])
+        names = await rd.read(off, id_len + name_len)
         off += id_len + name_len
-        sn.id = names[:id_len].decode("utf-8", "replace")
-        sn.name = names[id_len:].decode("utf-8", "replace")
-        if off - start > MAX_TABLE_BYTES:
-            raise ImageCorrupt("Snapshot table is too big", node=img.node_name or None)
+        sn.id, sn.name = _cstr(names[:id_len]), _cstr(names[id_len:])
+        table_length += _ENTRY.size + kept + id_len + name_len
+        if table_length > MAX_TABLE_BYTES or off - start > 0x7FFFFFFF:
+            if not repair:
+                raise SnapshotTableError("Snapshot table is too big", f"You can force-remove all {nb - i} "
+                                         "overhanging snapshots with qemu-img check -r all")
+            if messages is not None:
+                messages.append(f"Discarding {nb - i} overhanging snapshots (snapshot table is too big)")
+            out.reduced += nb - i
+            off = pre
+            break
         snaps.append(sn)
-    return snaps, off - start
-
-
-async def _read(img: Image, off: int, n: int, flen: int) -> bytes:
-    if off + n > flen:
-        raise ImageCorrupt("Snapshot table exceeds the file size", node=img.node_name or None, offset=off)
-    buf = bytearray(n)
-    if n:
-        await img.file.preadv(off, memoryview(buf))
-    return bytes(buf)
+    out.size = off - start
+    return out
 
 
 def validate_l1(img: Image, sn: Snapshot) -> None:
@@ -214,7 +270,14 @@ class SnapshotMixin:
     snapshots_size: int
 
     async def load_snapshots(self) -> None:
-        self.snapshots, self.snapshots_size = await read_table(self.img)
+        h = self.img.h
+        # QEMU's qcow2_validate_table in qcow2_do_open (the offset is checked even with no snapshot)
+        if h.nb_snapshots > MAX_SNAPSHOTS:
+            raise SnapshotTableError("Snapshot table too large")
+        if h.snapshots_offset % self.img.cs or (h.nb_snapshots and not h.snapshots_offset):
+            raise SnapshotTableError("Snapshot table offset invalid", err=errno.EINVAL)
+        table = await read_table(self.img)
+        self.snapshots, self.snapshots_size = table.snaps, table.size
 
     def snapshot_info_list(self) -> list[dict[str, Any]]:
         """The snapshots as QAPI SnapshotInfo dicts, for ``img info``."""
