@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import attrs
@@ -131,15 +132,20 @@ def _once(seen: set[str], key: str, message: str) -> None:
     seen.add(key)
 
 
-def parse_args(argv: list[str]) -> Config | int:
-    """The Config to serve, or an exit status (``--help``, ``--version``)."""
+def _in_order(opts: Iterable[tuple[str, str | None]]) -> Iterator[tuple[str, str | None]]:
+    """The options; a bad one is reported, in qemu-nbd's words, when the loop reaches it (as getopt does)."""
     try:
-        opts, rest = Getopt(SHORT, LONG).parse(["nbd", *argv])
+        yield from opts
     except ImgExit as e:
         raise NbdExit(*e.lines, f"Try `{PROG} --help' for more information.") from None
+
+
+def parse_args(argv: list[str]) -> Config | int:
+    """The Config to serve, or an exit status (``--help``, ``--version``)."""
+    opts, rest = Getopt(SHORT, LONG).parse(["nbd", *argv])
     cfg = Config()
     seen: set[str] = set()
-    for key, value in opts:
+    for key, value in _in_order(opts):
         v = value or ""
         if key == "h":
             print(USAGE, end="")
