@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
-from blockgraph_qcow2.testing import HAVE_QEMU, bg_create, qemu_img, qemu_io
+from blockgraph_qcow2.testing import HAVE_QEMU, bg_create, kill_after, qemu_img, qemu_io
 
 pytestmark = [pytest.mark.skipif(not HAVE_QEMU, reason="qemu-img/qemu-io not installed"), pytest.mark.slow]
 
@@ -58,22 +55,8 @@ def crash_once(path: Path, seed: int, tmp_path: Path, lazy: bool = False) -> Non
     script.write_text(WRITER)
     proc = subprocess.Popen([sys.executable, str(script), str(path), str(seed), str(NSLOTS), str(SLOT)],
                             stdout=subprocess.PIPE, text=True)
-    rng = random.Random(seed * 31)
-    stop_after = rng.randrange(1, 40)  # flush acknowledgements to wait for before killing
-    acked = -1
-    lines = 0
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if line.startswith("F "):
-            acked = int(line.split()[1])
-            lines += 1
-            if lines >= stop_after:
-                time.sleep(rng.random() * 0.02)
-                break
-        elif line.startswith("DONE"):
-            break
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    flushed = kill_after(proc, "F", random.Random(seed * 31).randrange(1, 40), 0.02)
+    acked = max(flushed, default=-1)  # every op up to the last acknowledged flush must be there
     if lazy:
         # Dirty with lazy refcounts: a read-write open repairs the refcounts first, as QEMU does.
         from blockgraph import sync

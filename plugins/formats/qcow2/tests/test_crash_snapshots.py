@@ -4,17 +4,14 @@ made is intact."""
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
-from blockgraph_qcow2.testing import HAVE_QEMU, bg_create, qemu_img
+from blockgraph_qcow2.testing import HAVE_QEMU, bg_create, kill_after, qemu_img
 
 pytestmark = [pytest.mark.skipif(not HAVE_QEMU, reason="qemu-img/qemu-io not installed"), pytest.mark.slow]
 
@@ -81,21 +78,7 @@ def test_sigkill_during_snapshots(config: str, seed: int, tmp_path: Path) -> Non
     script.write_text(WORKER)
     proc = subprocess.Popen([sys.executable, str(script), str(path), str(seed), str(ROUNDS), opts],
                             stdout=subprocess.PIPE, text=True)
-    rng = random.Random(seed * 17)
-    stop_after = rng.randrange(1, ROUNDS)
-    made: list[int] = []
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if line.startswith("S "):
-            made.append(int(line.split()[1]))
-            if len(made) >= stop_after:
-                time.sleep(rng.random() * 0.05)
-                break
-        elif line.startswith("DONE"):
-            break
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    made += [int(line.split()[1]) for line in proc.stdout.read().splitlines() if line.startswith("S ")]
+    made = kill_after(proc, "S", random.Random(seed * 17).randrange(1, ROUNDS), 0.05)
 
     # A refcount and the COPIED flags that mirror it cannot change in one write: killed between the two, an
     # image shows "OFLAG_COPIED" errors, in QEMU as here, which `check -r all` repairs. They are harmless

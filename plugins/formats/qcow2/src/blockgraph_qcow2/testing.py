@@ -85,3 +85,25 @@ def assert_same_as(path: Path, model: bytes | bytearray, tmp_path: Path) -> None
     raw.write_bytes(bytes(model))
     r = qemu_img("compare", "-f", "raw", "-F", "qcow2", str(raw), str(path), check=False)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def kill_after(proc: subprocess.Popen, marker: str, count: int, delay: float) -> list[int]:
+    """Read ``proc``'s output until ``count`` lines ``MARKER N`` (or ``DONE``), wait up to ``delay`` seconds,
+    SIGKILL it; every N it printed before dying (each one a step it had completed)."""
+    import os
+    import signal
+    import time
+
+    assert proc.stdout is not None
+    seen: list[int] = []
+    for line in proc.stdout:
+        if line.startswith(marker + " "):
+            seen.append(int(line.split()[1]))
+            if len(seen) >= count:
+                time.sleep(random.random() * delay)
+                break
+        elif line.startswith("DONE"):
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return seen + [int(line.split()[1]) for line in proc.stdout.read().splitlines() if line.startswith(marker + " ")]
