@@ -272,3 +272,26 @@ def test_random_l1_l2_damage(tmp_path: Path, opts: str, seed: int) -> None:
     assert bg("check", "-r", "all", str(mine))[0] == real.returncode
     assert qemu_img("check", str(mine), check=False).returncode == qemu_img("check", str(theirs),
                                                                              check=False).returncode
+
+
+def test_repaired_leaks_are_discarded_like_qemu(image: Path, tmp_path: Path) -> None:
+    """A leaked data cluster freed by ``check -r leaks`` is punched out of the file, as qemu-img does
+    (QCOW2_DISCARD_ALWAYS): both files keep the same number of blocks."""
+    import os
+    import shutil
+
+    off, entry = l2_entry0(image)
+    with open(image, "r+b") as f:  # unlink the first 64 KiB of data: its cluster leaks
+        f.seek(off)
+        f.write(struct.pack(">Q", 0))
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    shutil.copyfile(image, ours)  # both copies allocated alike
+    shutil.copyfile(image, theirs)
+    before = os.stat(ours).st_blocks
+    real = qemu_img("check", "-r", "leaks", str(theirs), check=False)
+    assert bg("check", "-r", "leaks", str(ours)) == (real.returncode, real.stdout, real.stderr)
+    assert "1 leaked clusters" in real.stdout
+    assert os.stat(ours).st_blocks == os.stat(theirs).st_blocks < before
+    with open(ours, "rb") as f:
+        f.seek(entry & 0x00FFFFFFFFFFFE00)
+        assert f.read(CS) == bytes(CS)  # the old data is gone from the file

@@ -484,10 +484,12 @@ async def check(drv: Any, fix: CheckFix) -> CheckResult:
     if not getattr(drv, "read_only", True):
         await img.flush_metadata()
         await img.file.flush()
-    await check_snapshots_and_refcounts(drv, res, fix)
+    with img.rc.collecting_freed() as freed:
+        await check_snapshots_and_refcounts(drv, res, fix)
     if fix:
         await img.flush_metadata()
         await img.file.flush()
+        await img.discard_free(freed)  # repaired leaks: always discarded, as QEMU's QCOW2_DISCARD_ALWAYS
     if fix and not res.check_errors and not res.corruptions:
         if img.dirty_set or img.h.dirty:
             img.dirty_set = True

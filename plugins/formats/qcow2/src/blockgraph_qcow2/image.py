@@ -21,7 +21,7 @@ import struct
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, NamedTuple
 
-from blockgraph.errors import ImageCorrupt
+from blockgraph.errors import BlockIOError, ImageCorrupt, NotSupported
 
 from .cache import MetaCache
 from .constants import (
@@ -373,6 +373,23 @@ class Image:
         await self.file.pwritev(72, memoryview(struct.pack(">Q", self.h.incompatible_features)))
         await self.file.flush()
         self.dirty_set = False
+
+    async def discard_free(self, clusters: set[int]) -> None:
+        """Discard the clusters of ``clusters`` that are still free, in runs, once the metadata that stopped
+        referencing them is on disk (a discard error only leaves the space allocated in the file)."""
+        await self.flush_metadata()
+        await self.file.flush()
+        free = [c for c in sorted(clusters) if await self.rc.get(c) == 0]  # not allocated again meanwhile
+        i = 0
+        while i < len(free):
+            j = i
+            while j + 1 < len(free) and free[j + 1] == free[j] + 1:
+                j += 1
+            try:
+                await self.file.pdiscard(free[i] << self.cbits, (j - i + 1) << self.cbits)
+            except (BlockIOError, NotSupported):
+                pass
+            i = j + 1
 
     async def flush_metadata(self) -> None:
         """Dirty refcount blocks, then dirty L2 tables (their cache's dependencies decide the flushes)."""

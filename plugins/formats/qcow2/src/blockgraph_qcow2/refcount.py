@@ -16,8 +16,9 @@ file before anything that points at a cluster it counts (``l2_cache.depends_on =
 
 from __future__ import annotations
 
+import contextlib
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING
 
 from blockgraph.errors import ImageCorrupt
@@ -52,6 +53,19 @@ class Refcounts:
         self.node_name = node_name
         self.write_header_fields = write_header_fields  # async callback(h) persisting refcount table fields
         self.freed: set[int] | None = None  # while collecting: clusters whose refcount dropped to 0
+
+    @contextlib.contextmanager
+    def collecting_freed(self) -> Iterator[set[int]]:
+        """The clusters whose refcount drops to 0 inside the block (an enclosing block gets them too)."""
+        outer = self.freed
+        mine: set[int] = set()
+        self.freed = mine
+        try:
+            yield mine
+        finally:
+            self.freed = outer
+            if outer is not None:
+                outer |= mine
 
     def corrupt(self, what: str, offset: int | None = None) -> ImageCorrupt:
         return ImageCorrupt(what, node=self.node_name or None, offset=offset)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import struct
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -29,7 +29,6 @@ from .constants import (
     OFLAG_COPIED,
     ClusterType,
 )
-from .write import try_discard
 
 if TYPE_CHECKING:
     from .image import Image, L2Slice
@@ -331,19 +330,10 @@ class SnapshotMixin:
         """Clusters a snapshot operation frees are discarded in the file once the metadata that no longer
         references them is on disk (``pass-discard-snapshot``, default on, as QEMU's QCOW2_DISCARD_SNAPSHOT).
         Use inside the metadata lock."""
-        rc = self.img.rc
-        rc.freed = set()
-        try:
+        with self.img.rc.collecting_freed() as freed:
             yield
-        finally:
-            freed, rc.freed = rc.freed, None
-        if not freed or not self.options.pass_discard_snapshot:  # type: ignore[attr-defined]
-            return
-        await self.img.flush_metadata()
-        await self.img.file.flush()
-        free = [c for c in sorted(freed) if await rc.get(c) == 0]  # not allocated again meanwhile
-        for first, n in _runs(free):
-            await try_discard(self.img.file, first << rc.cbits, n << rc.cbits)
+        if freed and self.options.pass_discard_snapshot:  # type: ignore[attr-defined]
+            await self.img.discard_free(freed)
 
     async def _locked(self) -> Any:
         lock = getattr(self, "meta_lock", None)
@@ -475,13 +465,3 @@ async def grow_l1(img: Image, entries: int) -> None:
     if old_size:
         await img.rc.update(old_off, old_size * 8, -1)
 
-
-def _runs(clusters: list[int]) -> Iterator[tuple[int, int]]:
-    """(first, count) of each run of consecutive numbers in the sorted list ``clusters``."""
-    i = 0
-    while i < len(clusters):
-        j = i
-        while j + 1 < len(clusters) and clusters[j + 1] == clusters[j] + 1:
-            j += 1
-        yield clusters[i], j - i + 1
-        i = j + 1

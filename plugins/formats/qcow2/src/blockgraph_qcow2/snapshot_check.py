@@ -11,7 +11,6 @@ entries to repair. Lines starting ``qemu-img: `` are QEMU's error_report lines, 
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import struct
@@ -110,10 +109,8 @@ async def check_fix_snapshot_table(drv: Any, res: CheckResult, fix: CheckFix) ->
     """Rewrite the table read by check_read_snapshot_table when it had entries to repair."""
     if not (res.corruptions and fix & CheckFix.ERRORS):
         return
-    # The old table is discarded once it is free (QEMU's QCOW2_DISCARD_SNAPSHOT), where the driver does that.
-    discarding = getattr(drv, "_discarding_freed", None)
     try:
-        async with discarding() if discarding is not None else contextlib.nullcontext():
+        async with drv._discarding_freed():  # the old table, once free (QEMU's QCOW2_DISCARD_SNAPSHOT)
             await drv._write_table(list(drv.snapshots))
             await drv.img.flush_metadata()
             await drv.img.file.flush()
