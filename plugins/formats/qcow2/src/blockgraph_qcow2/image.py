@@ -144,7 +144,7 @@ class Image:
             raise self.corrupt(f"L2 table offset {off:#x} unaligned (L1 index: {l1_index:#x})")
         return off
 
-    async def read_l2(self, l2_off: int, i: int = 0) -> L2Slice:
+    async def read_l2(self, l2_off: int, i: int) -> L2Slice:
         """The cached slice holding entry ``i`` of the L2 table at host ``l2_off``."""
         off = l2_off + (i * self.esize & -self.slice_size)
         t = self.l2_cache.peek(off)
