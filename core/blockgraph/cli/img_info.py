@@ -124,6 +124,21 @@ async def image_info(node: Node, filename: str) -> dict[str, Any]:
     return info
 
 
+async def chain_info(node: Node, given: str, image_opts: bool = False, chain: bool = False) -> list[dict[str, Any]]:
+    """ImageInfo of ``node`` opened as ``given``, then (with ``chain``) of each backing image below it.
+
+    Also behind :meth:`blockgraph.sync.Image.info`.
+    """
+    infos = [await image_info(node, exact_filename(node) or display_name(given, image_opts))]
+    seen = {id(node)}
+    cur = node.cow_child().node if chain and node.cow_child() is not None else None
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        infos.append(await image_info(cur, cur.filename))
+        cur = cur.cow_child().node if cur.cow_child() is not None else None
+    return infos
+
+
 def human(info: dict[str, Any]) -> list[str]:
     actual = info.get("actual-size")
     lines = [f"image: {info['filename']}", f"file format: {info['format']}",
@@ -189,13 +204,7 @@ async def _main(session: Session, argv: list[str]) -> int:
     filename = rest[0]
     node = await open_node(session, filename, fmt=fmt, image_opts=common.image_opts, read_only=True,
                            force_share=common.force_share)
-    infos = [await image_info(node, exact_filename(node) or display_name(filename, common.image_opts))]
-    seen = {id(node)}
-    cur = node.cow_child().node if chain and node.cow_child() is not None else None
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        infos.append(await image_info(cur, cur.filename))
-        cur = cur.cow_child().node if cur.cow_child() is not None else None
+    infos = await chain_info(node, filename, common.image_opts, chain)
     if output == "json":
         sys.stdout.write(dumps(infos if chain else infos[0]) + "\n")
     else:

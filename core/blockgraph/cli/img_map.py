@@ -7,7 +7,9 @@ neighbouring entries that agree (and whose host offsets continue) are merged.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import attrs
@@ -101,17 +103,31 @@ def _b(v: bool) -> str:
 
 
 async def run_map(node: Node, fmt: str, start: int, max_length: int | None) -> None:
-    length = node.length
-    if max_length is not None:
-        length = min(start + max_length, length)
     out: list[str] = ["[" if fmt == "json" else f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File\n"]
     try:
-        await _map_entries(node, fmt, start, length, out)
+        async with contextlib.aclosing(map_entries(node, start, max_length)) as entries:
+            async for entry, nxt in entries:
+                dump_entry(fmt, entry, nxt, out)
+                if nxt is not None and len(out) > 256:
+                    sys.stdout.write("".join(out))
+                    out.clear()
+        if fmt == "json":
+            out.append("]\n")
     finally:  # what was printed before an error stays printed, as with qemu-img's unbuffered lines
         sys.stdout.write("".join(out))
 
 
-async def _map_entries(node: Node, fmt: str, start: int, length: int, out: list[str]) -> None:
+async def map_entries(node: Node, start: int = 0,
+                      max_length: int | None = None) -> AsyncIterator[tuple[MapEntry, MapEntry | None]]:
+    """The merged extents of ``[start, start + max_length)`` (clipped to the image), each with its successor.
+
+    The successor is None for the last entry, which is yielded even when empty (qemu-img prints it). A consumer
+    may change the successor before asking for more: human output folds zeros into holes that way, so they merge.
+    Also behind :meth:`blockgraph.sync.Image.extents`.
+    """
+    length = node.length
+    if max_length is not None:
+        length = min(start + max_length, length)
     curr = MapEntry(start=start)
     while curr.start + curr.length < length:
         offset = curr.start + curr.length
@@ -120,14 +136,9 @@ async def _map_entries(node: Node, fmt: str, start: int, length: int, out: list[
             curr.length += nxt.length
             continue
         if curr.length > 0:
-            dump_entry(fmt, curr, nxt, out)
-            if len(out) > 256:
-                sys.stdout.write("".join(out))
-                out.clear()
+            yield curr, nxt
         curr = nxt
-    dump_entry(fmt, curr, None, out)
-    if fmt == "json":
-        out.append("]\n")
+    yield curr, None
 
 
 def main(argv: list[str], host: PluginHost) -> int:
