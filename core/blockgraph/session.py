@@ -171,6 +171,8 @@ class Session:
                               "operation to unmap", node=name, driver=common.driver,
                               option="detect-zeroes")
         child_keys = set(getattr(cls, "child_options", ()))
+        if "backing" not in child_keys and "backing" in rest and rest["backing"] is None:
+            del rest["backing"]  # backing=null is taken by any driver in QEMU (BDRV_O_NO_BACKING)
         specs = {k: v for k, v in rest.items() if k in child_keys}
         driver_opts = structure(cls.Options, {k: v for k, v in rest.items() if k not in child_keys},
                                 node=name, driver=common.driver, kind=DriverKind(cls.kind).value)

@@ -36,7 +36,7 @@ def _check(bm: DirtyBitmap, *, allow_ro: bool = False) -> None:
     try:
         bm.check(allow_ro=allow_ro)
     except BitmapError as e:
-        raise QMPError(e.reason) from None
+        raise QMPError(e.reason) from e  # the cause keeps QEMU's hint, which qemu-img prints
 
 
 @command("block-dirty-bitmap-add", {"node": "str", "name": "str", "*granularity": "int", "*persistent": "bool",
