@@ -18,7 +18,7 @@ from ..errors import BlockGraphError
 from ..qmp import commands_bitmaps as qmp
 from ..qmp.protocol import QMPError
 from .img_opts import CommonFlags, Getopt, ImgExit, cvtnum, shared_long
-from .img_util import open_node, report, run
+from .img_util import LOCK_HINT, open_backend, report, run
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -123,11 +123,15 @@ async def _main(session: Session, argv: list[str]) -> int:
         raise ImgExit("Expecting filename and bitmap name")
     filename, bitmap = rest
     # Bitmaps live in this image alone: its backing chain is not opened.
-    node = await open_node(session, filename, fmt=fmt, image_opts=common.image_opts, read_only=False,
-                           options={"backing": None})
+    node = (await open_backend(session, filename, fmt=fmt, image_opts=common.image_opts, read_only=False,
+                               options={"backing": None})).node
     src = node
     if src_filename:
-        src = await open_node(session, src_filename, fmt=src_fmt, read_only=True, options={"backing": None})
+        try:
+            src = (await open_backend(session, src_filename, fmt=src_fmt, read_only=True,
+                                      options={"backing": None})).node
+        except ImgExit as e:  # qemu-img 7.2 names no -U here (bitmap has no -U)
+            raise ImgExit([line for line in e.lines if line != LOCK_HINT], e.code) from None
     graph = _Graph(session)
     for op, source in actions:
         args: dict[str, Any] = {"node": node.name, "name": bitmap}

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BlockGraphError, DriverNotFound, ImageLocked
+from ..errors import BlockGraphError, BlockIOError, DriverNotFound, ImageLocked
 from .img_opts import PROG, ImgExit
 
 if TYPE_CHECKING:
@@ -146,7 +146,8 @@ async def open_backend(session: Session, filename: str, *, fmt: str | None = Non
         raise ImgExit(_locked(filename, e, read_only), code) from None
     except BlockGraphError as e:
         await close_node(node)
-        raise ImgExit(f"Could not open '{filename}': {e}", code) from None
+        reason = e.strerror if isinstance(e, BlockIOError) else e  # bdrv_check_perm's bare "Block node is read-only"
+        raise ImgExit(f"Could not open '{filename}': {reason}", code) from None
 
 
 def format_class(session: Session, fmt: str, *, prefix: str = "") -> type:
