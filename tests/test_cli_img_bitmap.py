@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.interop,
               pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),
                                  reason="qemu-img/qemu-io/qemu-nbd (qemu-utils) or nbdinfo (libnbd-bin) missing")]
 NODE = re.compile(r"#block\d+")
-IMAGES = ("a.qcow2", "src.qcow2", "big.qcow2", "v2.qcow2", "r.raw")
+IMAGES = ("a.qcow2", "src.qcow2", "big.qcow2", "v2.qcow2", "r.raw", "o.qcow2")
 
 
 def run(*cmd: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -30,11 +30,14 @@ def run(*cmd: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """a.qcow2 (4 MiB): b0 (64 KiB), b1 (4 KiB) dirtied by qemu-io, b2 disabled; src.qcow2 (4 MiB): s (16 KiB)
-    dirtied elsewhere; big.qcow2 (8 MiB) with x; a qcow2 v2 image and a raw one."""
+    dirtied elsewhere; big.qcow2 (8 MiB) with x; a qcow2 v2 image, a raw one, and o.qcow2 whose backing file is
+    missing."""
     d = tmp_path_factory.mktemp("bitmap-base")
     for args in (["a.qcow2", "4M"], ["src.qcow2", "4M"], ["big.qcow2", "8M"], ["-o", "compat=0.10", "v2.qcow2", "1M"]):
         assert run("qemu-img", "create", "-q", "-f", "qcow2", *args, cwd=d).returncode == 0
     assert run("qemu-img", "create", "-q", "-f", "raw", "r.raw", "1M", cwd=d).returncode == 0
+    assert run("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "missing.qcow2", "-F", "qcow2", "o.qcow2", "4M",
+               cwd=d).returncode == 0
     for args in (["a.qcow2", "b0"], ["-g", "4k", "a.qcow2", "b1"], ["--disable", "a.qcow2", "b2"],
                  ["-g", "16k", "src.qcow2", "s"], ["big.qcow2", "x"]):
         assert run("qemu-img", "bitmap", "--add", *args, cwd=d).returncode == 0
@@ -91,6 +94,10 @@ def dirty_map(d: Path, name: str, bitmap: str) -> str:
 
 def same_images(q: Path, b: Path, name: str = "a.qcow2", maps: tuple[str, ...] = ()) -> dict:
     """The two copies of ``name`` look the same to qemu-img info and qemu-nbd, and are clean."""
+    if name == "o.qcow2":  # its backing file, needed by info and check, was missing for the bitmap commands
+        for d in (q, b):
+            if not (d / "missing.qcow2").exists():
+                assert run("qemu-img", "create", "-q", "-f", "qcow2", "missing.qcow2", "4M", cwd=d).returncode == 0
     theirs = info(q, name)
     assert info(b, name) == theirs
     res = run("qemu-img", "check", name, cwd=b)
@@ -130,6 +137,17 @@ def test_operations_as_qemu_img(dirs: tuple[Path, Path], args: list[str]) -> Non
     assert both(q, *args) == Result(0, "", "")
     meta = same_images(q, b, maps=tuple(bm["name"] for bm in bitmaps(info(q, "a.qcow2"))))
     assert all("in-use" not in bm["flags"] for bm in bitmaps(meta))
+
+
+@pytest.mark.parametrize("args", [
+    ["--add", "o.qcow2", "n"],
+    ["--add", "--image-opts", "driver=qcow2,file.filename=o.qcow2,backing=", "n"],
+])
+def test_backing_file_not_opened(dirs: tuple[Path, Path], args: list[str]) -> None:
+    """The image is opened without its backing chain (which is missing here)."""
+    q, b = dirs
+    assert both(q, *args).rc == 0
+    assert [bm["name"] for bm in bitmaps(same_images(q, b, "o.qcow2"))] == ["n"]
 
 
 def test_added_bitmaps_listed_with_flags_and_granularity(dirs: tuple[Path, Path]) -> None:
@@ -187,6 +205,8 @@ def test_guest_writes_then_merge_clear_remove(dirs: tuple[Path, Path]) -> None:
     ["--add", "--image-opts", "a.qcow2", "n"], ["--add", "--image-opts", "-f", "qcow2", "driver=qcow2", "n"],
     ["--add", "--image-opts", "driver=qcow2,file.filename=a.qcow2,read-only=on", "n"],
     ["--add", "--image-opts", "driver=qcow2,node-name=top,file.filename=v2.qcow2", "n"],
+    ["--add", "--image-opts", "driver=qcow2,file.filename=o.qcow2,backing=a.qcow2", "n"],
+    ["--add", "--image-opts", "file.filename=o.qcow2,backing.driver=qcow2,backing.file.filename=a.qcow2", "n"],
     ["--add", "a.qcow2", "n", "--bogus"], ["--add", "a.qcow2", "n", "-b"], ["--merge"], ["-x", "--add", "a", "n"],
     ["--object", "foo,id=o", "--add", "a.qcow2", "n"], ["--object", "id=o", "--add", "a.qcow2", "n"],
     ["--object", "secret", "--add", "a.qcow2", "n"], ["--object", "secret,id=s", "--add", "a.qcow2", "n"],
@@ -197,7 +217,8 @@ def test_guest_writes_then_merge_clear_remove(dirs: tuple[Path, Path]) -> None:
 def test_errors_as_qemu_img(dirs: tuple[Path, Path], args: list[str]) -> None:
     q, b = dirs
     assert both(q, *args).rc == 1
-    same_images(q, b)
+    for name in ("a.qcow2", "o.qcow2"):
+        same_images(q, b, name)
 
 
 def test_inconsistent_bitmap_refused_with_hint_then_removed(dirs: tuple[Path, Path]) -> None:

@@ -84,6 +84,20 @@ def check_object(text: str, ids: set[str]) -> None:
     ids.add(obj_id)
 
 
+def _no_backing_options(text: str, node: Node) -> None:
+    """qemu-img opens the image without its backing file (BDRV_O_NO_BACKING), so backing options given with
+    --image-opts are left over and refused by the format; ``backing=`` is taken with QEMU's warning."""
+    from ..options import flatten, parse_keyval
+
+    backing = parse_keyval(text, implied_key="file").get("backing")
+    if backing == "":
+        report('warning: Use of "backing": "" is deprecated; use "backing": null instead')
+    elif backing is not None:
+        key = "backing." + next(iter(flatten(backing))) if isinstance(backing, dict) and backing else "backing"
+        raise ImgExit(f"Could not open '{text}': Block format '{node.common.driver}' does not support the option "
+                      f"'{key}'")
+
+
 def main(argv: list[str], host: PluginHost) -> int:
     return run(host, lambda session: _main(session, argv))
 
@@ -125,6 +139,8 @@ async def _main(session: Session, argv: list[str]) -> int:
     # Bitmaps live in this image alone: its backing chain is not opened.
     node = (await open_backend(session, filename, fmt=fmt, image_opts=common.image_opts, read_only=False,
                                options={"backing": None})).node
+    if common.image_opts:
+        _no_backing_options(filename, node)
     src = node
     if src_filename:
         try:

@@ -9,8 +9,9 @@ inconsistent (its data is not read) and the core refuses to use it with QEMU's t
 On a read-write open the bitmaps are marked ``in_use`` on disk first, as QEMU does, so a crash leaves them
 inconsistent, never wrong. At close each one is written back into its table (existing data clusters reused,
 a new one allocated where a cluster of bits stops being all zeros or all ones) and its ``in_use`` flag
-cleared. A bitmap removed or resized meanwhile stays ``in_use``: QEMU then sees it as inconsistent, which is
-true, and the bitmaps directory stays valid. New persistent bitmaps are not added to the directory.
+cleared. When bitmaps were removed, resized or made persistent while open (QMP's block-dirty-bitmap-add,
+``img bitmap --add``), a new directory listing the remaining and the new ones is written and the header
+switched to it (see :func:`store`); a write failure leaves the bitmaps ``in_use``: inconsistent, never wrong.
 """
 
 from __future__ import annotations
