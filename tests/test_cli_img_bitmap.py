@@ -131,6 +131,8 @@ def bitmaps(meta: dict) -> list[dict]:
     ["--add", "--merge", "s", "--source-file", "src.qcow2", "--source-format", "qcow2", "a.qcow2", "n"],
     ["--image-opts", "--add", "driver=qcow2,file.filename=a.qcow2", "n"],
     ["--object", "secret,id=s0,data=x", "--add", "-f", "qcow2", "a.qcow2", "n"],
+    ["--object", '{"qom-type": "secret", "id": "s0", "data": "x"}', "--object", "throttle-group,id=t", "--add",
+     "a.qcow2", "n"],
 ])
 def test_operations_as_qemu_img(dirs: tuple[Path, Path], args: list[str]) -> None:
     q, b = dirs
@@ -212,7 +214,8 @@ def test_guest_writes_then_merge_clear_remove(dirs: tuple[Path, Path]) -> None:
     ["--object", "secret", "--add", "a.qcow2", "n"], ["--object", "secret,id=s", "--add", "a.qcow2", "n"],
     ["--object", "secret,id=s,data=x,bogus=1", "--add", "a.qcow2", "n"],
     ["--object", "secret,id=s,data=x", "--object", "secret,id=s,data=y", "--add", "a.qcow2", "n"],
-    ["--add", "-g", "x", "--object", "foo", "a.qcow2", "n"],
+    ["--add", "-g", "x", "--object", "foo", "a.qcow2", "n"], ["--object", "iothread,id=i", "--add", "a.qcow2", "n"],
+    ["--object", "throttle-group,id=t", "--object", "secret,id=t,data=x", "--add", "a.qcow2", "n"],
 ])
 def test_errors_as_qemu_img(dirs: tuple[Path, Path], args: list[str]) -> None:
     q, b = dirs

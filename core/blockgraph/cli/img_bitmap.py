@@ -52,8 +52,8 @@ class _Graph:
 def check_object(text: str, ids: set[str]) -> None:
     """``--object``: QEMU's refusals for a missing or unknown type or id, and for a secret without data.
 
-    A valid secret is accepted and unused (no image format here needs one); other object types have
-    no plugin in blockgraph img.
+    A valid secret (no image format here needs one) and a throttle group without limits are accepted and
+    unused; other objects are refused as blockgraph img has no plugin for them.
     """
     from ..daemon.core import KNOWN_QOM_TYPES
     from ..daemon.setup import keyval_or_json
@@ -67,8 +67,13 @@ def check_object(text: str, ids: set[str]) -> None:
         raise ImgExit("Parameter 'qom-type' is missing")
     if qom_type not in KNOWN_QOM_TYPES:
         raise ImgExit(f"Parameter 'qom-type' does not accept value '{qom_type}'")
+    if qom_type == "iothread":  # not built into qemu-img
+        raise ImgExit("invalid object type: iothread")
     if "id" not in props:
         raise ImgExit("Parameter 'id' is missing")
+    if qom_type == "throttle-group" and set(props) == {"qom-type", "id"}:
+        _new_id(str(props["id"]), ids)
+        return
     if qom_type != "secret":
         raise ImgExit.no_object()
     for key in props:
@@ -78,7 +83,10 @@ def check_object(text: str, ids: set[str]) -> None:
         raise ImgExit("Either 'file' or 'data' must be provided")
     if "file" in props:
         raise ImgExit.no_object()  # reading a secret file: not done here
-    obj_id = str(props["id"])
+    _new_id(str(props["id"]), ids)
+
+
+def _new_id(obj_id: str, ids: set[str]) -> None:
     if obj_id in ids:
         raise ImgExit(f"attempt to add duplicate property '{obj_id}' to object (type 'container')")
     ids.add(obj_id)
