@@ -12,6 +12,7 @@ opened read-only. The first failing operation ends the command with
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BlockGraphError
@@ -106,6 +107,15 @@ def _no_backing_options(text: str, node: Node) -> None:
                       f"'{key}'")
 
 
+def _checked_objects(opts: Iterable[tuple[str, str | None]], ids: set[str]) -> Iterator[tuple[str, str | None]]:
+    """The options but ``--object``, each checked where it stands (rather than refused by CommonFlags)."""
+    for key, value in opts:
+        if key == "object":
+            check_object(value or "", ids)
+        else:
+            yield key, value
+
+
 def main(argv: list[str], host: PluginHost) -> int:
     return run(host, lambda session: _main(session, argv))
 
@@ -117,12 +127,8 @@ async def _main(session: Session, argv: list[str]) -> int:
     actions: list[tuple[str, str | None]] = []
     objects: set[str] = set()
     common = CommonFlags()
-    for key, value in opts:
-        if key == "object":  # checked here rather than refused by CommonFlags: qemu-img bitmap only parses it
-            check_object(value or "", objects)
-        elif common.take(key, value):
-            pass
-        elif key == "b":
+    for key, value in common.own(_checked_objects(opts, objects)):
+        if key == "b":
             src_filename = value
         elif key == "f":
             fmt = value
