@@ -281,3 +281,19 @@ def test_lock_bytes_match_qemu(images: dict[str, Path], holders: Any, tsession: 
     assert node_lock_bytes(blk.node) == qemu_bytes == expected
     bg_runner.run(blk.close())
     assert tsession.nodes == {}
+
+
+@pytest.mark.parametrize("args", [["info"], ["check"], ["map"], ["measure", "-O", "qcow2"], ["compare", "q.qcow2"],
+                                  ["snapshot", "-l"], ["convert", "-O", "raw", "q.qcow2", "out.raw"]])
+def test_img_refuses_a_held_image_with_qemu_img_lines(images: dict[str, Path], holders: Any, tmp_path: Path,
+                                                       args: list[str]) -> None:
+    """qemu-io holds the qcow2 for writing: every img subcommand fails as qemu-img's does, line for line."""
+    import sys
+
+    holders("q.qcow2")
+    argv = [*args, "q.qcow2"] if args[0] != "convert" else args
+    real = tool("img", *argv, cwd=tmp_path)
+    ours = subprocess.run([str(Path(sys.executable).with_name("blockgraph")), "img", *argv], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=120)
+    assert real.returncode != 0 and "Is another process using the image" in real.stderr
+    assert (ours.returncode, ours.stdout, ours.stderr) == (real.returncode, real.stdout, real.stderr)

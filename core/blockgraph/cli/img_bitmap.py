@@ -19,7 +19,7 @@ from ..errors import BlockGraphError
 from ..qmp import commands_bitmaps as qmp
 from ..qmp.protocol import QMPError
 from .img_opts import CommonFlags, Getopt, ImgExit, cvtnum, shared_long
-from .img_util import LOCK_HINT, open_backend, report, run
+from .img_util import open_backend, report, run
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -157,11 +157,8 @@ async def _main(session: Session, argv: list[str]) -> int:
         _no_backing_options(filename, node)
     src = node
     if src_filename:
-        try:
-            src = (await open_backend(session, src_filename, fmt=src_fmt, read_only=True,
-                                      options={"backing": None})).node
-        except ImgExit as e:  # qemu-img 7.2 names no -U here (bitmap has no -U)
-            raise ImgExit([line for line in e.lines if line != LOCK_HINT], e.code) from None
+        src = (await open_backend(session, src_filename, fmt=src_fmt, read_only=True,
+                                  options={"backing": None})).node
     graph = _Graph(session)
     for op, source in actions:
         args: dict[str, Any] = {"node": node.name, "name": bitmap}

@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from ..plugins import PluginHost
     from ..session import Session
 
-LOCK_HINT = "(use -U/--force-share to open the image read-only while another process is using it)"
 
 
 def report(*lines: str) -> None:
@@ -114,16 +113,14 @@ async def open_node(session: Session, filename: str, *, fmt: str | None = None, 
             raise ImgExit(f"Could not open '{name}': Unknown driver '{e.driver}'", code) from None
         raise ImgExit(f"Could not open '{name}': {e}", code) from None
     except ImageLocked as e:
-        raise ImgExit(_locked(name, e, read_only), code) from None
+        raise ImgExit(_locked(name, e), code) from None
     except BlockGraphError as e:
         raise ImgExit(f"Could not open '{name}': {e}", code) from None
 
 
-def _locked(name: str, e: Exception, read_only: bool) -> list[str]:
-    lines = [f"Could not open '{name}': {e}"]
-    if read_only:
-        lines.append(LOCK_HINT)
-    return lines
+def _locked(name: str, e: Exception) -> str:
+    """QEMU's lock refusal, hint line included (qemu-img 7.2 suggests no -U)."""
+    return f"Could not open '{name}': {e}"
 
 
 async def open_backend(session: Session, filename: str, *, fmt: str | None = None, image_opts: bool = False,
@@ -143,7 +140,7 @@ async def open_backend(session: Session, filename: str, *, fmt: str | None = Non
                                              resize=resize)
     except ImageLocked as e:
         await close_node(node)
-        raise ImgExit(_locked(filename, e, read_only), code) from None
+        raise ImgExit(_locked(filename, e), code) from None
     except BlockGraphError as e:
         await close_node(node)
         reason = e.strerror if isinstance(e, BlockIOError) else e  # bdrv_check_perm's bare "Block node is read-only"
