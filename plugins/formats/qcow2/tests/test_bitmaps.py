@@ -282,3 +282,35 @@ def test_mutated_bitmap_metadata_errors_cleanly_and_never_touches_data(tmp_path:
             continue
         got = _guest(path, tmp_path / "got.raw")
         assert got[:8 * MiB] == want[:8 * MiB] and got[8 * MiB:8 * MiB + 512] == b"z" * 512
+
+
+def test_removing_an_inconsistent_bitmap_frees_only_what_nothing_else_uses(tmp_path: Path) -> None:
+    """An in_use bitmap's table is never validated: one that names a guest data cluster must not free it
+    when the bitmap is removed; its own table cluster, referenced by nothing else, is freed as by QEMU."""
+    import json
+
+    path = make(tmp_path / "a.qcow2")
+    before = _guest(path, tmp_path / "before.raw")
+    extent = next(e for e in json.loads(run("qemu-img", "map", "--output=json", str(path)).stdout)
+                  if e["start"] <= MiB < e["start"] + e["length"] and e["data"])
+    host = extent["offset"] + MiB - extent["start"]
+    pos = _directory(path)
+    data = path.read_bytes()
+    _, _, _, doff = struct.unpack_from(">IIQQ", data, pos + 8)
+    name_size, extra = struct.unpack_from(">HI", data, doff + 18)
+    entry = doff + (24 + extra + name_size + 7) // 8 * 8  # b1's entry follows b0's (padded to 8 bytes)
+    table = struct.unpack_from(">Q", data, entry)[0]
+    with path.open("r+b") as f:
+        flags = struct.unpack_from(">I", data, entry + 12)[0]
+        f.seek(entry + 12)
+        f.write(struct.pack(">I", flags | 1))  # in_use: b1 was not saved cleanly
+        f.seek(table)
+        f.write(struct.pack(">Q", host))  # and its table now names the guest's data cluster at 1 MiB
+    r = subprocess.run([*BG, "img", "bitmap", "--remove", str(path), "b1"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    res = run("qemu-img", "check", str(path))
+    assert res.returncode in (0, 3) and "ERROR" not in res.stdout + res.stderr, res.stdout + res.stderr
+    assert _guest(path, tmp_path / "after.raw") == before
+    assert [b["name"] for b in json.loads(run("qemu-img", "info", "--output=json", str(path)).stdout)
+            ["format-specific"]["data"]["bitmaps"]] == ["b0", "b2"]

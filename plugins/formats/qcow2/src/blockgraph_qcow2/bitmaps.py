@@ -321,7 +321,7 @@ async def _free_bitmap(img: Any, st: Stored, cs: int) -> None:
     """Drop the clusters of a removed bitmap (its table as read from the image when it was inconsistent)."""
     table = st.table
     if table is None:
-        return  # inconsistent: its table was never checked, so its clusters are left (a leak, not a risk)
+        return
     for entry in table:
         off = entry & ENTRY_OFFSET_MASK
         if off and not entry & ENTRY_RESERVED_MASK and not off % cs:
@@ -409,9 +409,36 @@ async def _switch_directory(driver: Any, entries: list[Stored], removed: list[St
     if old is not None:
         await img.rc.update(old[2], -(-old[1] // cs) * cs, -1)
     for st in removed:
-        await _free_bitmap(img, st, cs)
+        if st.table is None:
+            await _free_unreferenced(driver, st.entry)
+        else:
+            await _free_bitmap(img, st, cs)
     await img.rc.flush()
     await file.flush()
+
+
+async def _free_unreferenced(driver: Any, e: DirEntry) -> None:
+    """A removed inconsistent bitmap: its table was never validated, so only the clusters it names that
+    nothing on disk references any more (counted as ``qemu-img check`` counts) and whose refcount is 1 are
+    freed. QEMU frees them as well; a damaged table can thus never free guest data."""
+    from .check import Checker
+
+    img, cs = driver.img, driver.cluster_size
+    if e.table_offset % cs or e.table_offset < cs or e.table_offset + e.table_size * 8 > img.file.getlength():
+        return
+    raw = bytearray(e.table_size * 8)
+    await img.file.preadv(e.table_offset, memoryview(raw))
+    clusters = {off >> img.cbits for entry in struct.unpack(f">{e.table_size}Q", raw)
+                if (off := entry & ENTRY_OFFSET_MASK) and not off % cs}
+    last = (e.table_offset + max(1, e.table_size * 8) - 1) >> img.cbits
+    clusters |= set(range(e.table_offset >> img.cbits, last + 1))
+    await img.rc.flush()
+    checker = Checker(driver, CheckResult())
+    await checker.calculate(CheckFix.NONE)
+    refs = checker.refs
+    for c in sorted(clusters):
+        if (c >= len(refs) or refs[c] == 0) and c < img.file.getlength() >> img.cbits and await img.rc.get(c) == 1:
+            await img.rc.update(c << img.cbits, cs, -1)
 
 
 def can_store_new(driver: Any, name: str, granularity: int) -> None:
