@@ -12,6 +12,7 @@ a new one allocated where a cluster of bits stops being all zeros or all ones) a
 cleared. When bitmaps were removed, resized or made persistent while open (QMP's block-dirty-bitmap-add,
 ``img bitmap --add``), a new directory listing the remaining and the new ones is written and the header
 switched to it (see :func:`store`); a write failure leaves the bitmaps ``in_use``: inconsistent, never wrong.
+A removed bitmap's clusters are freed; for an inconsistent one only those nothing else references.
 """
 
 from __future__ import annotations
