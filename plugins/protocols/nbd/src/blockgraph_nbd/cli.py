@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 from blockgraph.cli.img_opts import Getopt, ImgExit, strtoul
 
+from . import activation
 from . import protocol as P
 
 PROG = "qemu-nbd"
@@ -119,6 +120,14 @@ class Config:
     fork: bool = False
     pid_file: str | None = None
     verbose: bool = False
+    activation: int = 0  # sockets handed over by systemd socket activation (LISTEN_FDS), served instead
+    device: str | None = None  # -c/-d/-L/--tls-*/--selinux-label: checked after the options, then refused
+    disconnect: bool = False
+    list_mode: bool = False
+    tls_creds: str | None = None
+    tls_authz: str | None = None
+    tls_hostname: str | None = None
+    selinux_label: str | None = None
 
     def address(self) -> dict[str, str]:
         if self.socket:
@@ -195,6 +204,7 @@ def parse_args(argv: list[str]) -> Config | int:
             what = "export name" if key == "x" else "export description"
             if len(v.encode()) > P.MAX_STRING:
                 raise NbdExit(f"{what} '{v}' too long")
+            seen.add(key)
             if key == "x":
                 cfg.export_name = v
             else:
@@ -203,29 +213,84 @@ def parse_args(argv: list[str]) -> Config | int:
             cfg.load_snapshot, cfg.read_only = v, True
         else:
             _simple(cfg, key, v)
-    if len(rest) != 1:
+    if cfg.list_mode:
+        _list_mode_checks(cfg, rest, seen)
+    elif len(rest) != 1:
         raise NbdExit("Invalid number of arguments", bare=(f"Try `{PROG} --help' for more information.",))
-    cfg.filename = rest[0]
-    if cfg.image_opts and cfg.fmt:
-        raise NbdExit("--image-opts and -f are mutually exclusive")
+    else:
+        cfg.filename = rest[0]
+    _where_to_listen(cfg)
+    _refusals(cfg)
     return cfg
+
+
+def _list_mode_checks(cfg: Config, rest: list[str], seen: set[str]) -> None:
+    if rest:
+        raise NbdExit("List mode is incompatible with a file name")
+    if seen & {"x", "D", "cache", "aio", "discard"} or cfg.offset or cfg.device or cfg.disconnect or cfg.fmt \
+            or cfg.load_snapshot is not None or cfg.bitmaps or cfg.allocation_depth:
+        raise NbdExit("List mode is incompatible with per-device settings")
+    if cfg.fork:
+        raise NbdExit("List mode is incompatible with forking")
+
+
+def _where_to_listen(cfg: Config) -> None:
+    """systemd socket activation (qemu-nbd's check_socket_activation), checked once the options are read."""
+    count, error = activation.socket_activation()
+    if error:
+        raise NbdExit(error)
+    if not count:
+        return
+    conflict = activation.conflicting_option(
+        device=cfg.device is not None, socket=cfg.socket is not None, bind=cfg.bind is not None,
+        port=cfg.port is not None, selinux=cfg.selinux_label is not None, list_mode=cfg.list_mode)
+    if conflict:
+        raise NbdExit(conflict)
+    if count > 1:
+        raise NbdExit(activation.TOO_MANY)
+    cfg.activation = count
+
+
+def _refusals(cfg: Config) -> None:
+    """qemu-nbd's TLS and SELinux checks in its order, then what blockgraph nbd does not do."""
+    if cfg.tls_creds is not None:
+        if cfg.socket:
+            raise NbdExit("TLS is only supported with IPv4/IPv6")
+        if cfg.device:
+            raise NbdExit("TLS is not supported with a host device")
+        if cfg.tls_authz is not None and cfg.list_mode:
+            raise NbdExit("TLS authorization is incompatible with export list")
+        if cfg.tls_hostname is not None and not cfg.list_mode:
+            raise NbdExit("TLS hostname is only supported with export list")
+        raise NbdExit(f"Failed to get TLS creds: No TLS credentials with id '{cfg.tls_creds}'")
+    if cfg.tls_authz is not None:
+        raise NbdExit("--tls-authz is not permitted without --tls-creds")
+    if cfg.tls_hostname is not None:
+        raise NbdExit("--tls-hostname is not permitted without --tls-creds")
+    if cfg.selinux_label is not None:
+        raise NbdExit("SELinux support not enabled in this binary")
+    if cfg.list_mode:
+        raise NbdExit("List mode is not supported by blockgraph nbd (nbdinfo --list lists exports)")
+    if cfg.device is not None or cfg.disconnect:
+        raise NbdExit("Kernel /dev/nbdN support is not available in blockgraph nbd")
 
 
 def _simple(cfg: Config, key: str, v: str) -> None:
     refused = {
-        "c": "Kernel /dev/nbdN support is not available in blockgraph nbd",
-        "d": "Kernel /dev/nbdN support is not available in blockgraph nbd",
-        "L": "List mode is not supported by blockgraph nbd (nbdinfo --list lists exports)",
         "object": "--object is not supported by blockgraph nbd",
-        "tls-creds": f"Failed to get TLS creds: No TLS credentials with id '{v}'",
-        "tls-authz": "--tls-authz is not permitted without --tls-creds",
-        "tls-hostname": "--tls-hostname is not permitted without --tls-creds",
         "T": "tracing (-T) is not supported by blockgraph nbd; use --log-level",
-        "selinux-label": "SELinux support not enabled in this binary",
     }
+    deferred = {"c": "device", "tls-creds": "tls_creds", "tls-authz": "tls_authz", "tls-hostname": "tls_hostname",
+                "selinux-label": "selinux_label"}
     if key in refused:
         raise NbdExit(refused[key])
-    if key == "b":
+    if key in deferred:
+        setattr(cfg, deferred[key], v)
+    elif key == "d":
+        cfg.disconnect = True
+    elif key == "L":
+        cfg.list_mode = True
+    elif key == "b":
         cfg.bind = v
     elif key == "p":
         cfg.port = v

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
 import tempfile
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from blockgraph.errors import BlockGraphError, DriverNotFound
 from blockgraph.session import Session
 
+from . import activation
 from .cli import NbdExit
 from .server import NbdServer
 from .server_export import new_export
@@ -38,10 +40,9 @@ async def _serve(cfg: Config, host: Any, saved_stderr: int | None) -> int:
     stop = asyncio.Event()
     pid_written = False
     try:
-        try:
-            await server.listen(cfg.address(), accept=False)
-        except BlockGraphError as e:
-            raise NbdExit(str(e)) from None
+        await _listen(server, cfg)
+        if cfg.image_opts and cfg.fmt:
+            raise NbdExit("--image-opts and -f are mutually exclusive")
         node = await _open(session, cfg)
         try:
             exp = await new_export(session, node, name=cfg.export_name, description=cfg.description,
@@ -75,6 +76,21 @@ async def _serve(cfg: Config, host: Any, saved_stderr: int | None) -> int:
         if pid_written:
             with contextlib.suppress(OSError):
                 os.unlink(cfg.pid_file)
+
+
+async def _listen(server: NbdServer, cfg: Config) -> None:
+    """Bind the address the options name, or take the listening socket systemd handed over at fd 3."""
+    if cfg.activation:
+        try:
+            server.adopt(socket.socket(fileno=activation.FIRST_FD))
+        except OSError as e:
+            raise NbdExit("Failed to use socket activation: Unable to query remote socket address: "
+                          f"{os.strerror(e.errno or 0)}") from None
+        return
+    try:
+        await server.listen(cfg.address(), accept=False)
+    except BlockGraphError as e:
+        raise NbdExit(str(e)) from None
 
 
 def _write_pid_file(path: str) -> None:

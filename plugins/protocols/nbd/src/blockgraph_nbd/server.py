@@ -119,6 +119,12 @@ class NbdServer:
         if accept:
             self.accept()
 
+    def adopt(self, sock: socket.socket) -> None:
+        """Serve on a socket someone else bound and made listen (systemd socket activation); once
+        :meth:`accept` runs. It is closed with the server, and its unix path, if any, is not ours to remove."""
+        sock.setblocking(False)
+        self._listeners.append(sock)
+
     def accept(self) -> None:
         """Start accepting on every bound socket. Until then clients wait in the listen backlog, as with
         qemu-nbd, which binds before it opens the image but accepts only once the export exists."""
