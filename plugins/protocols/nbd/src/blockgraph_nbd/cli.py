@@ -254,8 +254,6 @@ def _where_to_listen(cfg: Config) -> None:
 def _refusals(cfg: Config) -> None:
     """qemu-nbd's TLS and SELinux checks in its order, then what blockgraph nbd does not do."""
     if cfg.tls_creds is not None:
-        if cfg.socket:
-            raise NbdExit("TLS is only supported with IPv4/IPv6")
         if cfg.device:
             raise NbdExit("TLS is not supported with a host device")
         if cfg.tls_authz is not None and cfg.list_mode:
