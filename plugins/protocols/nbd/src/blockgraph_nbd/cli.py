@@ -2,7 +2,8 @@
 
 One difference on purpose: without ``-b`` the server listens on 127.0.0.1, not on
 every interface. Kernel ``/dev/nbdN`` (``-c``/``-d``), ``-L``, TLS and ``--object``
-are refused with a message saying so.
+are refused with a message saying so, after qemu-nbd's own checks of them. Under systemd
+socket activation (``activation.py``) the server takes fd 3 instead of binding.
 """
 
 from __future__ import annotations
