@@ -3,8 +3,9 @@
 No pytest here (trio's ``check_*_stream`` rationale): the same checks back the pytest base
 classes in :mod:`blockgraph.testing.suite` and can run from a CLI self-test (:func:`run_checks`).
 A check returns quietly, raises :class:`ContractViolation` (an ``AssertionError``) saying what
-broke and where, or raises :class:`NotApplicable` naming the capability the driver does not
-implement. How the driver is opened is the :class:`~blockgraph.testing.harness.Harness`'s business.
+broke and where. A capability the driver lacks is checked through the core's fallback for it; only a
+driver that cannot write at all gets :class:`NotApplicable` from the checks that write. How the driver
+is opened is the :class:`~blockgraph.testing.harness.Harness`'s business.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import attrs
 from .. import io
 from ..backend import BlockBackend
 from ..driver import SUPPORTED_API_VERSIONS, Capabilities, Concurrency, DriverKind, ReqFlags, Status
-from ..errors import NotSupported, OptionError
+from ..errors import BlockGraphError, NotSupported, OptionError
 from ..node import close_node
 from ..options import merge, option_fields, unflatten
 from ..perms import Perm
@@ -129,8 +130,10 @@ async def check_write_zeroes(h: Harness) -> None:
 
 
 async def check_discard(h: Harness) -> None:
-    """Discard leaves every byte outside the range alone; inside, zeros or old data per the declared guarantee."""
-    h.require("discard")
+    """Discard leaves every byte outside the range alone; inside, zeros or old data per the declared guarantee.
+    Without a Discarder the core drops discards (as QEMU's bdrv_co_pdiscard): nothing may change."""
+    if not h.caps.discard:
+        return await _check_discard_ignored(h)
     async with h.open_writable() as o:
         blk = o.blk
         length = blk.getlength()
@@ -164,6 +167,17 @@ async def check_discard(h: Harness) -> None:
         # Discarded space is usable again.
         await fill(h, blk, model, [(65536, 65536), (200003, 5000)], 350)
         await verify_all(h, blk, model, "whole-disk read after writing into discarded ranges")
+
+
+async def _check_discard_ignored(h: Harness) -> None:
+    async with h.open_writable() as o:
+        blk = o.blk
+        length = blk.getlength()
+        model = await model_of(h, blk)
+        await fill(h, blk, model, [(0, min(length, 512 * KIB))], 300)
+        for off, n in clip([(65536, 65536), (1000, 5000), (0, length)], length):
+            await call(f"discard at offset {off}, {n} bytes (no Discarder: ignored)", blk.pdiscard(off, n))
+        await verify_all(h, blk, model, f"{h.driver} has no Discarder, but a discard changed data")
 
 
 # ---------------------------------------------------------------- block status
@@ -251,7 +265,7 @@ async def check_flush(h: Harness) -> None:
 
 async def check_truncate(h: Harness) -> None:
     """Growing reads zeros in the new space; shrinking cuts (and re-growing never resurrects old data)."""
-    if h.supports_truncate is False:
+    if h.supports_truncate is False or (h.supports_truncate is None and not h.caps.truncate):
         return await _check_truncate_refused(h)
     h.require("truncate")
     step = 64 * KIB
@@ -291,7 +305,8 @@ async def _check_truncate_refused(h: Harness) -> None:
         blk = o.blk
         length = blk.getlength()
         model = await model_of(h, blk)
-        await expect_error(f"truncate of {h.driver}, which declares supports_truncate = False",
+        why = "declares supports_truncate = False" if h.supports_truncate is False else "has no Truncatable"
+        await expect_error(f"truncate of {h.driver}, which {why}",
                            blk.truncate(length + 65536), [errno.ENOTSUP, errno.EPERM, errno.EINVAL])
         if blk.getlength() != length:
             raise ContractViolation(f"a refused truncate changed the length from {length} to {blk.getlength()}")
@@ -498,9 +513,11 @@ async def check_reopen(h: Harness) -> None:
 
 
 async def check_live_reopen(h: Harness) -> None:
-    """Reopen the live node read-only and back (blockdev-reopen): writes refused in between, data kept."""
+    """Reopen the live node read-only and back (blockdev-reopen): writes refused in between, data kept.
+    Without Reopenable the core refuses the reopen with QEMU's text, and the node stays as it was."""
     h.require("write")
-    h.require("reopen")
+    if not h.caps.reopen:
+        return await _check_reopen_refused(h)
     async with h.open() as o:
         blk, length = o.blk, o.blk.getlength()
         model = await model_of(h, blk)
@@ -518,6 +535,24 @@ async def check_live_reopen(h: Harness) -> None:
         blk.set_perm(Perm.CONSISTENT_READ | Perm.WRITE, blk.shared)
         await fill(h, blk, model, [(4096, 4096), (length - 512, 512)], 703)
         await verify_all(h, blk, model, "whole-disk read after reopening read-write")
+
+
+async def _check_reopen_refused(h: Harness) -> None:
+    async with h.open() as o:
+        blk = o.blk
+        model = await model_of(h, blk)
+        await fill(h, blk, model, [(0, 4096)], 700)
+        try:
+            await o.session.reopen(o.node, read_only=True)
+        except BlockGraphError as e:
+            if "does not support reopening files" not in str(e):
+                raise ContractViolation(f"reopen of {h.driver}, which has no Reopenable: {e}") from e
+        else:
+            raise ContractViolation(f"reopen of {h.driver} read-only succeeded without Reopenable")
+        if o.node.read_only:
+            raise ContractViolation("a refused reopen left the node read-only")
+        await fill(h, blk, model, [(4096, 4096)], 703)
+        await verify_all(h, blk, model, "whole-disk read after a refused reopen")
 
 
 async def check_close_idempotent(h: Harness) -> None:

@@ -11,8 +11,8 @@ A plugin's whole conformance file::
 Class attributes declare what the driver guarantees (``persistent``, ``stores_data``,
 ``discard_reads_zero``, ``supports_truncate``, ...); override ``make_options(tmp_path, size)``
 when the options need files. Each test method runs one check of :mod:`blockgraph.testing.contract`
-on a fresh event loop (``asyncio.Runner``), so no pytest-asyncio is needed. A check that needs a
-capability the driver does not implement is skipped, and the reason names it.
+on a fresh event loop (``asyncio.Runner``), so no pytest-asyncio is needed. A capability the driver does
+not implement is checked through the core's fallback for it (discard ignored, truncate and reopen refused).
 """
 
 from __future__ import annotations
