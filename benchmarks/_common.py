@@ -84,6 +84,17 @@ def summary(ts: list[float]) -> str:
     return f"median {statistics.median(ts):.3f} s [min {min(ts):.3f}, max {max(ts):.3f}] over {len(ts)} runs"
 
 
+def print_convert_ratio(times: dict[str, list[float]], indent: str = "") -> tuple[float, float]:
+    """Print the two convert timings and their ratio (medians and best runs; the issues' target is <= 1.5x);
+    returns the medians (qemu-img, blockgraph)."""
+    q, b = statistics.median(times["qemu-img"]), statistics.median(times["blockgraph"])
+    print(f"{indent}qemu-img convert:       {summary(times['qemu-img'])}")
+    print(f"{indent}blockgraph img convert: {summary(times['blockgraph'])}")
+    print(f"{indent}ratio blockgraph/qemu-img (medians): {b / q:.2f}x (target <= 1.5x); "
+          f"best runs: {min(times['blockgraph']) / min(times['qemu-img']):.2f}x")
+    return q, b
+
+
 def peak_rss_kib(cmd: list[str], prepare: str) -> int:
     """Peak RSS of one run of ``cmd`` (KiB), from ``/usr/bin/time -v`` or getrusage of the child."""
     subprocess.run(prepare, shell=True, check=True)

@@ -16,10 +16,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 
-from _common import blockgraph_cmd, machine, need, peak_rss_kib, scratch_dir, summary, time_commands
+from _common import (
+    blockgraph_cmd,
+    machine,
+    need,
+    peak_rss_kib,
+    print_convert_ratio,
+    scratch_dir,
+    time_commands,
+)
 
 EXTENT = 8 << 20
 
@@ -53,13 +60,9 @@ def main() -> None:
     check = subprocess.run([qemu_img, "compare", "-f", "raw", "-F", "raw", src, out], capture_output=True,
                            text=True)
     rss = peak_rss_kib(bg, prepare)
-    q, b = statistics.median(times["qemu-img"]), statistics.median(times["blockgraph"])
     print(f"machine: {machine()}")
     print(f"image: {args.size} GiB raw, random data in every other 8 MiB extent, holes between")
-    print(f"qemu-img convert:       {summary(times['qemu-img'])}")
-    print(f"blockgraph img convert: {summary(times['blockgraph'])}")
-    print(f"ratio blockgraph/qemu-img (medians): {b / q:.2f}x (target <= 1.5x); "
-          f"best runs: {min(times['blockgraph']) / min(times['qemu-img']):.2f}x")
+    print_convert_ratio(times)
     print(f"blockgraph peak RSS: {rss / 1024:.1f} MiB (target < 150 MiB)")
     print(f"qemu-img compare on blockgraph's output: {check.stdout.strip() or check.stderr.strip()}")
     os.unlink(out)

@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import statistics
 import subprocess
 import time
 
-from _common import blockgraph_cmd, machine, need, scratch_dir, summary, time_commands
+from _common import blockgraph_cmd, machine, need, print_convert_ratio, scratch_dir, time_commands
 from bench_convert import build_image
 
 
@@ -64,14 +63,10 @@ def main() -> None:
     finally:
         proc.kill()
         proc.wait()
-    q, b = statistics.median(times["qemu-img"]), statistics.median(times["blockgraph"])
     print(f"machine: {machine()}")
     print(f"image: {args.size} MiB raw served by qemu-nbd over {'TCP 127.0.0.1' if args.tcp else 'a unix socket'}, "
           f"random data in every other 8 MiB extent, holes between")
-    print(f"qemu-img convert:       {summary(times['qemu-img'])}")
-    print(f"blockgraph img convert: {summary(times['blockgraph'])}")
-    print(f"ratio blockgraph/qemu-img (medians): {b / q:.2f}x (target <= 1.5x); "
-          f"best runs: {min(times['blockgraph']) / min(times['qemu-img']):.2f}x")
+    print_convert_ratio(times)
     print(f"qemu-img compare on blockgraph's output: {check.stdout.strip() or check.stderr.strip()}")
     os.unlink(out)
 

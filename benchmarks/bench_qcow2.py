@@ -19,7 +19,7 @@ import re
 import statistics
 import subprocess
 
-from _common import blockgraph_cmd, machine, need, scratch_dir, summary, time_commands
+from _common import blockgraph_cmd, machine, need, print_convert_ratio, scratch_dir, time_commands
 from bench_convert import build_image
 from bench_vmdk import build_compressible
 
@@ -32,12 +32,8 @@ def convert_case(name: str, qemu_img: str, src: str, out: str, src_fmt: str, out
     times = time_commands(commands, prepare, runs)
     check = subprocess.run([qemu_img, "compare", "-f", src_fmt, "-F", out_fmt, src, out], capture_output=True,
                            text=True)
-    q, b = statistics.median(times["qemu-img"]), statistics.median(times["blockgraph"])
     print(f"{name}:")
-    print(f"  qemu-img convert:       {summary(times['qemu-img'])}")
-    print(f"  blockgraph img convert: {summary(times['blockgraph'])}")
-    print(f"  ratio blockgraph/qemu-img (medians): {b / q:.2f}x (target <= 1.5x); "
-          f"best runs: {min(times['blockgraph']) / min(times['qemu-img']):.2f}x")
+    q, b = print_convert_ratio(times, "  ")
     print(f"  qemu-img compare: {check.stdout.strip() or check.stderr.strip()}")
     os.unlink(out)
     return q, b

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 
-from _common import blockgraph_cmd, machine, need, scratch_dir, summary, time_commands
+from _common import blockgraph_cmd, machine, need, print_convert_ratio, scratch_dir, time_commands
 from bench_convert import build_image
 
 
@@ -36,13 +35,9 @@ def main() -> None:
                 "blockgraph": [*blockgraph_cmd(), "img", "convert", "-f", "vhdx", "-O", "raw", src, out]}
     times = time_commands(commands, prepare, args.runs)
     check = subprocess.run([qemu_img, "compare", "-f", "raw", "-F", "raw", raw, out], capture_output=True, text=True)
-    q, b = statistics.median(times["qemu-img"]), statistics.median(times["blockgraph"])
     print(f"machine: {machine()}")
     print(f"image: {args.size} GiB vhdx, random data in every other 8 MiB extent")
-    print(f"qemu-img convert:       {summary(times['qemu-img'])}")
-    print(f"blockgraph img convert: {summary(times['blockgraph'])}")
-    print(f"ratio blockgraph/qemu-img (medians): {b / q:.2f}x (target <= 1.5x); "
-          f"best runs: {min(times['blockgraph']) / min(times['qemu-img']):.2f}x")
+    print_convert_ratio(times)
     print(f"qemu-img compare against the raw source: {check.stdout.strip() or check.stderr.strip()}")
     os.unlink(out)
 
