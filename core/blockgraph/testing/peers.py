@@ -109,6 +109,23 @@ def qemu_raw(path: Path, fmt: str, tmp: Path) -> bytes:
     return out.read_bytes()
 
 
+def random_writes(size: int, seed: Any, count: int = 12,
+                  lengths: tuple[int, ...] = (512, 4096, 65536, 3 << 20)) -> tuple[list[tuple[int, bytes]], bytes]:
+    """``count`` sector-aligned writes of random data inside ``size`` bytes (for ``write_at``), and the
+    image content they leave on an image that read zeros before."""
+    import random
+
+    rnd = random.Random(seed)
+    writes = []
+    for _ in range(count):
+        off = rnd.randrange(0, size - 1) // 512 * 512
+        writes.append((off, rnd.randbytes(min(size - off, rnd.choice(lengths)))))
+    data = bytearray(size)
+    for off, chunk in writes:
+        data[off:off + len(chunk)] = chunk
+    return writes, bytes(data)
+
+
 def for_format(fmt: str) -> dict[str, Any]:
     """``with_image``, ``read_all``, ``write_at`` and ``create`` with ``fmt`` as their default format."""
     import functools

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import random
 import struct
 from pathlib import Path
 
 import pytest
 from blockgraph.driver import CheckFix
+from blockgraph.testing.peers import random_writes
 from blockgraph_vdi import header as hdr
 from vdi_helpers import QEMU_IMG, QEMU_IO, bg, create, needs_qemu, qemu_raw, read_all, run, with_image, write_at
 
@@ -62,17 +62,9 @@ def test_our_images_pass_qemu_check_and_compare(tmp_path: Path, static: str) -> 
     size = 5 * MiB + 3 * 512
     create(img, size, static=static)
     assert run(QEMU_IMG, "check", str(img)).stdout == "No errors were found on the image.\n"
-    rnd = random.Random(static)
-    writes = []
-    for _ in range(12):
-        off = rnd.randrange(0, size - 1) // 512 * 512
-        n = min(size - off, rnd.choice([512, 4096, 65536, 3 * MiB]))
-        writes.append((off, rnd.randbytes(n)))
+    writes, data = random_writes(size, static)
     write_at(img, writes)
-    data = bytearray(size)
-    for off, chunk in writes:
-        data[off:off + len(chunk)] = chunk
-    ref.write_bytes(bytes(data))
+    ref.write_bytes(data)
     assert run(QEMU_IMG, "check", str(img)).stdout == "No errors were found on the image.\n"
     assert run(QEMU_IMG, "compare", "-f", "vdi", "-F", "raw", str(img), str(ref)).returncode == 0
     q, b = both("check", "--output=json", path=img)

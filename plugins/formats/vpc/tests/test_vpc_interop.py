@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import random
 import struct
 from pathlib import Path
 
 import pytest
+from blockgraph.testing.peers import random_writes
 from blockgraph_vpc import format as fmt
 from vpc_helpers import QEMU_IMG, QEMU_IO, bg, create, needs_qemu, qemu_raw, read_all, run, write_at
 
@@ -53,19 +53,11 @@ def test_our_images_pass_qemu(tmp_path: Path, subformat: str, force: str) -> Non
     create(img, 5 * MiB, subformat=subformat, force_size=force)
     size = qemu_info(img)["virtual-size"]
     assert size == bg_info(img)["virtual-size"]
-    rnd = random.Random(f"{subformat}{force}")
-    writes = []
-    for _ in range(12):
-        off = rnd.randrange(0, size - 1) // 512 * 512
-        n = min(size - off, rnd.choice([512, 4096, 65536, 3 * MiB]))
-        writes.append((off, rnd.randbytes(n)))
+    writes, data = random_writes(size, f"{subformat}{force}")
     write_at(img, writes)
-    data = bytearray(size)
-    for off, chunk in writes:
-        data[off:off + len(chunk)] = chunk
-    ref.write_bytes(bytes(data))
+    ref.write_bytes(data)
     assert run(QEMU_IMG, "compare", "-f", "vpc", "-F", "raw", str(img), str(ref)).returncode == 0
-    assert read_all(img) == bytes(data)
+    assert read_all(img) == data
 
 
 # size -> (force_size) table: odd sizes, the CHS branch limits, the maximum geometry and the 2040 GiB limit.
