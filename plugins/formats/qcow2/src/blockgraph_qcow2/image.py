@@ -377,6 +377,8 @@ class Image:
     async def discard_free(self, clusters: set[int]) -> None:
         """Discard the clusters of ``clusters`` that are still free, in runs, once the metadata that stopped
         referencing them is on disk (a discard error only leaves the space allocated in the file)."""
+        if not clusters:
+            return
         await self.flush_metadata()
         await self.file.flush()
         free = [c for c in sorted(clusters) if await self.rc.get(c) == 0]  # not allocated again meanwhile

@@ -332,7 +332,7 @@ class SnapshotMixin:
         Use inside the metadata lock."""
         with self.img.rc.collecting_freed() as freed:
             yield
-        if freed and self.options.pass_discard_snapshot:  # type: ignore[attr-defined]
+        if self.options.pass_discard_snapshot:  # type: ignore[attr-defined]
             await self.img.discard_free(freed)
 
     async def _locked(self) -> Any:

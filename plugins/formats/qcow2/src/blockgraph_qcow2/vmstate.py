@@ -66,7 +66,7 @@ async def discard_vmstate(drv: Any, size: int) -> None:
     shared L2 tables are copied first), as QEMU does so that the next snapshot does not copy them again.
     Caller holds meta_lock."""
     start = vm_state_offset(drv.img)
-    await drv.discard_clusters(start, start + size, full=False, discard=False)
+    await drv.discard_clusters(start, start + size, full=False, discard=False, lock_held=True)
 
 
 class VmstateMixin:

@@ -465,11 +465,12 @@ class FullDiscardMixin:
         await self.discard_clusters(lo, hi, full=True,
                                     discard=self.options.pass_discard_other)  # type: ignore[attr-defined]
 
-    async def discard_clusters(self, lo: int, hi: int, *, full: bool, discard: bool) -> None:
+    async def discard_clusters(self, lo: int, hi: int, *, full: bool, discard: bool, lock_held: bool = False
+                               ) -> None:
         """Guest clusters [lo, hi): ``full`` makes them unallocated (the backing file shows through), otherwise
         they read zeros (v2 without a backing file: unallocated). Each slice's entries reach the disk before
         the references they held are dropped; ``discard`` passes freed host clusters down. Takes meta_lock
-        unless the caller holds it."""
+        per slice (so requests interleave) unless the caller says it holds it."""
         img = self.img
         cbits = img.cbits
         c, last = lo >> cbits, -(-hi // self.cluster_size)
@@ -479,7 +480,7 @@ class FullDiscardMixin:
                 c = min(last, (l1i + 1) << img.l2_bits)
                 continue
             stop = min(last, img.slice_end(c))
-            if self.meta_lock.locked():
+            if lock_held:
                 await self._discard_in_slice(c, stop, full, discard)
             else:
                 async with self.meta_lock:
